@@ -1,0 +1,33 @@
+# ssltrain developer commands. `make install` builds a local virtualenv in .venv.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+# torch is pinned so pip takes the CPU build shipped on the dev machines instead of
+# several GB of CUDA wheels; GPU machines keep their own torch (see README).
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test test-fast bench lint clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+
+# The full suite, slow end-to-end runs included (this is what CI runs).
+# pytest exits 5 when it collects nothing: report it rather than pass silently.
+test:
+	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+bench:
+	$(PY) scripts/bench.py
+
+lint:
+	$(PY) -m ruff check ssltrain tests scripts
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,213 @@
+"""Resumable checkpoints and the final HF-format export, both written atomically.
+
+A checkpoint is a folder `checkpoints/step-00000100/` holding
+  model.safetensors     objective state (backbone + heads), tied weights stored once
+  optimizer.pt          optimizer state_dict (tensors + plain types; loaded weights_only)
+  scheduler.pt          LR scheduler state_dict (and scaler.pt for fp16)
+  rng-rank<R>.pt        python / numpy / torch / CUDA RNG states of every rank
+  trainer_state.json    step, data position (epoch, batch), tokens seen, ...
+  config.yaml           the resolved run config
+It is written under a temporary name, fsynced, then renamed: a folder named step-* is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssltrain.errors import UserError
+
+PREFIX = "step-"
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+# ---------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict:
+    """Every RNG this process draws from, as tensors and plain types (weights_only-loadable)."""
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- weights
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file; tensors sharing storage (tied embeddings) are stored once and the
+    other names recorded as aliases in the metadata."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = tensor.detach().contiguous().cpu()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    tensors = load_file(str(path))
+    for name, target in aliases.items():
+        tensors[name] = tensors[target]
+    return tensors
+
+
+# ---------------------------------------------------------------- save / find / load
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, step: int, accelerator, objective, optimizer, scheduler, trainer_state: dict,
+                    config_yaml: str, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(objective)  # collective under FSDP
+    torch.save(capture_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_weights(state_dict, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        prune_checkpoints(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in REQUIRED_FILES)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """Newest complete checkpoint; incomplete ones are skipped with a warning naming them."""
+    for path in reversed(list_checkpoints(root)):
+        if is_complete(path):
+            return path
+        warnings.warn(f"skipping incomplete checkpoint {path}", stacklevel=2)
+    return None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    for path in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler) -> dict:
+    """Restore everything save_checkpoint wrote, for this rank. Returns trainer_state."""
+    path = Path(path)
+    if not is_complete(path):
+        missing = [n for n in REQUIRED_FILES if not (path / n).is_file()]
+        raise UserError(f"trainer.resume={str(path)!r} is not a complete checkpoint (missing {', '.join(missing)})")
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("world_size", 1) != accelerator.num_processes:
+        raise UserError(f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "
+                        f"{accelerator.num_processes}; resume with the same process count")
+    model = accelerator.unwrap_model(objective)
+    result = model.load_state_dict(load_weights(path / "model.safetensors"), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        names = (result.missing_keys or result.unexpected_keys)[:3]
+        raise UserError(f"checkpoint {path} does not match this model (mismatching keys: {', '.join(names)})")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
+    restore_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+# ---------------------------------------------------------------- export
+
+def export_pretrained(run_dir: Path, accelerator, objective, tokenizer) -> Path | None:
+    """<run>/final: the objective's HF model (safetensors) + tokenizer, loadable with
+    AutoModel*.from_pretrained and pipeline(). Written to a temp folder, then renamed."""
+    from ssltrain.data.tokenizer import save_tokenizer
+
+    final = Path(run_dir) / "final"
+    tmp = Path(run_dir) / ".final-tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = accelerator.unwrap_model(objective).export_model()
+        model.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, str(tmp))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

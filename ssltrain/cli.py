@@ -1,0 +1,141 @@
+"""Command-line entry point: `ssltrain [group=option ...] [key=value ...] [-m] [--cfg job]`.
+
+Before Hydra creates a run directory, every job the command line describes is composed and
+validated (`preflight`), so a mistake gives one line naming the bad value and the valid
+choices, exit code 2, and nothing on disk. Errors that only data can reveal (an empty corpus)
+are reported the same way and leave no run directory behind that looks like a finished run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ssltrain.errors import UserError
+from ssltrain.paths import config_dir
+
+CONFIG_NAME = "train"
+EXIT_USER_ERROR = 2
+_INFO_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg")
+MAX_PREFLIGHT_JOBS = 256
+
+
+def one_line(message: str) -> str:
+    """Hydra's multi-line messages ('Could not find X\\n\\nAvailable options in Y:\\n\\ta\\n\\tb') -> one line."""
+    text = message.split("Config search path")[0]
+    text = re.sub(r":\s*\n\s*", ": ", text.strip())
+    text = re.sub(r"\s*\n\s*", ", ", text)
+    return re.sub(r"\s+", " ", text).strip(" ,")
+
+
+def fail(message: str) -> None:
+    print(f"ssltrain: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def job_overrides(overrides: list[str]) -> list[list[str]]:
+    """Every job's override list: one for a plain run, the sweep's cartesian product for -m."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate each job of this command line; raise UserError on the first bad one."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ssltrain.config import validate_config
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        raise UserError(f"cannot parse the command line {' '.join(argv)!r}; see ssltrain --help") from None
+    if any(getattr(args, flag, None) for flag in _INFO_FLAGS):
+        return
+    # Hydra's own keys (hydra.run.dir=...) are Hydra's to check; ours are everything else.
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    conf_dir = os.path.abspath(args.config_dir) if args.config_dir else str(config_dir())
+    try:
+        jobs = job_overrides(overrides) if args.multirun else [overrides]
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="ssltrain"):
+            for job in jobs[:MAX_PREFLIGHT_JOBS]:
+                cfg = compose(config_name=args.config_name or CONFIG_NAME, overrides=job)
+                try:
+                    validate_config(cfg)
+                except UserError as err:
+                    raise UserError(f"{err}" + (f" (in job {' '.join(job)})" if args.multirun else "")) from None
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(str(err)) from None
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def _isolate_non_main_rank(argv: list[str]) -> str | None:
+    """Ranks > 0 resolve ${now:...} themselves and could pick another run directory: give them
+    a scratch one (the real one is broadcast from rank 0 in train())."""
+    if _rank() == 0:
+        return None
+    scratch = tempfile.mkdtemp(prefix=f"ssltrain-rank{_rank()}-")
+    argv.extend([f"hydra.run.dir={scratch}", "hydra.output_subdir=null"])
+    return scratch
+
+
+def _remove_unfinished_run(run_dir: Path) -> None:
+    """After a user error, drop the run directory if it holds nothing but Hydra's own files."""
+    if not run_dir.is_dir():
+        return
+    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", "ssltrain.log", "config.yaml", "metrics.jsonl", "tb"}
+    if not leftovers:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _hydra_app():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")
+    def app(cfg) -> None:
+        from ssltrain.train import train
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            train(cfg, run_dir)
+        except UserError as err:
+            if _rank() == 0:
+                _remove_unfinished_run(run_dir)
+            fail(str(err))
+        except KeyboardInterrupt:
+            print("ssltrain: interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return app
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:]
+    try:
+        preflight(argv)
+    except UserError as err:
+        fail(str(err))
+    scratch = _isolate_non_main_rank(sys.argv)
+    try:
+        _hydra_app()()
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Validate a composed config before any data, model or file is touched.
+
+Every check raises ConfigError with one line that names the key, the bad value and what
+would be valid, so a mistake costs seconds, not a run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from ssltrain.errors import ConfigError
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one config value may be: a type, an optional closed/open range, or a set of choices."""
+
+    kind: type = str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: value must be > low, not >= low
+    choices: tuple | None = None
+    nullable: bool = False
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        else:
+            text = _TYPE_NAMES.get(self.kind, self.kind.__name__)
+            if self.low is not None and self.high is not None:
+                text += f" in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+            elif self.low is not None:
+                text += f" {'>' if self.low_open else '>='} {self.low}"
+        return text + (" or null" if self.nullable else "")
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None:
+            if self.nullable:
+                return
+            raise ConfigError(f"{key} is null; expected {self.describe()}")
+        if not self._type_ok(value) or not self._range_ok(value):
+            raise ConfigError(f"{key}={value!r} is invalid; expected {self.describe()}")
+
+    def _type_ok(self, value: Any) -> bool:
+        if self.choices is not None:
+            return True
+        if self.kind is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, self.kind)
+
+    def _range_ok(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+
+POSITIVE = Spec(int, low=1)
+NON_NEGATIVE = Spec(int, low=0)
+PROBABILITY = Spec(float, low=0.0, high=1.0)
+
+TOP_LEVEL_SPECS: dict[str, Spec] = {
+    "seed": NON_NEGATIVE,
+    "cache_dir": Spec(str),
+    "tokenizer.path": Spec(str, nullable=True),
+    "tokenizer.type": Spec(choices=("wordpiece", "bpe")),
+    "tokenizer.vocab_size": Spec(int, low=300, high=1_000_000),
+    "tokenizer.lowercase": Spec(bool),
+    "trainer.max_steps": POSITIVE,
+    "trainer.batch_size": POSITIVE,
+    "trainer.micro_batch_size": POSITIVE,
+    "trainer.seq_len": Spec(int, low=8),
+    "trainer.log_every": POSITIVE,
+    "trainer.eval_every": NON_NEGATIVE,
+    "trainer.eval_batches": Spec(int, low=1, nullable=True),
+    "trainer.checkpoint_every": NON_NEGATIVE,
+    "trainer.keep_checkpoints": POSITIVE,
+    "trainer.resume": Spec(str, nullable=True),
+    "trainer.export": Spec(bool),
+    "optimizer.lr": Spec(float, low=0.0, high=1.0, low_open=True),
+    "optimizer.weight_decay": Spec(float, low=0.0, high=1.0),
+    "optimizer.eps": Spec(float, low=0.0, high=1.0, low_open=True),
+    "optimizer.grad_clip": Spec(float, low=0.0),
+    "optimizer.warmup_ratio": Spec(float, low=0.0, high=1.0),
+    "hardware.device": Spec(choices=("cpu", "cuda")),
+    "hardware.mixed_precision": Spec(choices=("no", "bf16", "fp16")),
+    "hardware.attn_implementation": Spec(choices=("eager", "sdpa", "flash_attention_2")),
+    "hardware.num_workers": NON_NEGATIVE,
+    "hardware.pin_memory": Spec(bool),
+    "hardware.fused_optimizer": Spec(bool),
+    "hardware.tf32": Spec(bool),
+    "model.name": Spec(str),
+    "model.model_type": Spec(str),
+    "model.attention": Spec(choices=("bidirectional", "causal")),
+    "model.tokenizer_type": Spec(choices=("wordpiece", "bpe")),
+    "model.pretrained": Spec(str, nullable=True),
+    "data.source": Spec(str),
+    "data.modality": Spec(choices=("text", "image")),
+    "data.validation_fraction": Spec(float, low=0.0, high=0.5, low_open=True),
+    "data.min_doc_chars": NON_NEGATIVE,
+    "data.max_docs": Spec(int, low=1, nullable=True),
+    "data.num_proc": Spec(int, low=1, nullable=True),
+}
+
+
+def select(cfg: DictConfig, key: str) -> Any:
+    """cfg value at a dotted key; a required (???) value that was not given is a ConfigError."""
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError(f"{key} is required: pass it on the command line as {key}=...") from None
+
+
+def check_specs(cfg: DictConfig, specs: dict[str, Spec], prefix: str = "") -> None:
+    for key, spec in specs.items():
+        spec.check(prefix + key, select(cfg, prefix + key))
+
+
+def world_size_from_env() -> int:
+    """Processes the launcher (torchrun / accelerate launch) started; 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Fail fast on every mistake that can be seen without reading data. Writes nothing."""
+    # Imports kept local: the CLI's --help path should not pay for torch/transformers.
+    from ssltrain.data.corpus import CORPUS_SOURCES
+    from ssltrain.models import build_model_config, max_positions
+    from ssltrain.objectives import objective_class
+
+    check_specs(cfg, TOP_LEVEL_SPECS)
+    world_size = world_size or world_size_from_env()
+    t = cfg.trainer
+    per_step = t.micro_batch_size * world_size
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} is not divisible by trainer.micro_batch_size="
+            f"{t.micro_batch_size} x {world_size} process(es) = {per_step}; pick a multiple of {per_step}"
+        )
+    betas = select(cfg, "optimizer.betas")
+    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optimizer.betas={list(betas)!r} is invalid; expected two numbers in [0, 1)")
+    _check_scheduler(cfg.optimizer.scheduler)
+    if cfg.data.source not in CORPUS_SOURCES:
+        raise ConfigError(
+            f"data.source={cfg.data.source!r} is unknown; valid: {', '.join(sorted(CORPUS_SOURCES))}"
+        )
+    CORPUS_SOURCES[cfg.data.source].check_config(cfg.data)
+    _check_hardware(cfg.hardware)
+    _check_paths(cfg)
+
+    cls = objective_class(cfg.objective)
+    cls.check_compatible(cfg)
+    cls.check_params(cfg.objective)
+    # The model config is cheap to build and catches unknown model types and bad shapes.
+    model_config = build_model_config(cfg.model, vocab_size=cfg.tokenizer.vocab_size)
+    positions = max_positions(model_config)
+    needed = cls.positions_needed(t.seq_len)
+    if positions is not None and needed > positions:
+        raise ConfigError(
+            f"trainer.seq_len={t.seq_len} needs {needed} positions but model={cfg.model.name} has "
+            f"{positions}; use trainer.seq_len<={positions - (needed - t.seq_len)} or a larger "
+            f"model.config position size"
+        )
+
+
+def _check_scheduler(name: str) -> None:
+    from transformers import SchedulerType
+
+    valid = [s.value for s in SchedulerType]
+    if name not in valid:
+        raise ConfigError(f"optimizer.scheduler={name!r} is unknown; valid: {', '.join(valid)}")
+
+
+def _check_hardware(hw: DictConfig) -> None:
+    import torch
+
+    if hw.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("hardware.device=cuda but no CUDA GPU is visible; use hardware=cpu")
+    if hw.mixed_precision == "fp16" and hw.device == "cpu":
+        raise ConfigError("hardware.mixed_precision=fp16 needs a GPU; on CPU use 'no' or 'bf16'")
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    for key in ("model.pretrained", "tokenizer.path"):
+        path = select(cfg, key)
+        if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+            raise ConfigError(f"{key}={path!r} does not exist")
+    pretrained = cfg.model.pretrained
+    if pretrained and os.path.isdir(pretrained) and not os.path.isfile(os.path.join(pretrained, "config.json")):
+        raise ConfigError(f"model.pretrained={pretrained!r} is not a HF checkpoint (no config.json in it)")
+    resume = cfg.trainer.resume
+    if resume not in (None, "auto") and not os.path.isdir(os.path.expanduser(resume)):
+        raise ConfigError(f"trainer.resume={resume!r} is not a checkpoint directory; valid: auto, null or a path")
+
+
+def _looks_local(path: str) -> bool:
+    """Hub names look like 'org/name'; anything with a leading ./ ~ / or more slashes is a path."""
+    return path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path)

@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, packing into fixed-length blocks, and resumable batch loading."""

@@ -1,0 +1,86 @@
+"""Resumable, rank-sharded batch loading with per-batch seeded randomness.
+
+Item b of a `BatchDataset` is the collated micro-batch b of one epoch for one rank. The order
+of examples is a permutation seeded by (seed, epoch); the collator's randomness (masking,
+augmentation) comes from a generator seeded by (seed, epoch, batch, rank). So a batch is the
+same whatever the number of DataLoader workers, and resuming at (epoch, batch) needs no
+replay of earlier batches: the position in the data is two integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, decorrelated (unlike seed + offset)."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Micro-batches of one epoch for one rank. Rank r takes global micro-batch slots
+    r, r + world, r + 2*world, ... so ranks see disjoint examples."""
+
+    def __init__(self, examples, collator: Callable, micro_batch_size: int, *, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        self.examples = examples  # a datasets.Dataset formatted as numpy (memory-mapped)
+        self.collator = collator
+        self.micro_batch_size = micro_batch_size
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        n = len(examples)
+        if shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
+        else:
+            order = torch.arange(n)
+        self.order = order
+        self.num_batches = n // (micro_batch_size * world_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def indices(self, b: int) -> list[int]:
+        start = (b * self.world_size + self.rank) * self.micro_batch_size
+        return self.order[start:start + self.micro_batch_size].tolist()
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        if not 0 <= b < self.num_batches:
+            raise IndexError(b)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, b, self.rank))
+        return self.collator(self.examples[self.indices(b)], generator)
+
+
+@dataclass
+class DataPosition:
+    """Where the next training micro-batch comes from; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def make_loader(dataset: BatchDataset, start: int, num_workers: int, pin_memory: bool):
+    """A DataLoader over micro-batches start..end of the epoch. The DataLoader draws its worker
+    base seed from its own generator, so it never consumes the global torch RNG (dropout)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
+        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+    )
+
+
+def train_batches(make_dataset: Callable[[int], BatchDataset], position: DataPosition, num_workers: int,
+                  pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro-batches from `position` on, advancing `position` in place after each one."""
+    while True:
+        dataset = make_dataset(position.epoch)
+        if len(dataset) == 0:
+            raise ValueError("the training split has fewer examples than one global micro-batch")
+        for batch in make_loader(dataset, position.batch, num_workers, pin_memory):
+            position.batch += 1
+            yield batch
+        position.epoch += 1
+        position.batch = 0

@@ -1,0 +1,106 @@
+"""Build backbones from transformers config classes: no hub access, any registered model type."""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+from ssltrain.errors import ConfigError
+
+VOCAB_MULTIPLE = 64  # pad the embedding matrix so GPU matmuls hit tensor-core friendly shapes
+
+
+def padded_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return -(-n_tokens // multiple) * multiple
+
+
+def build_model_config(model_cfg: DictConfig, vocab_size: int, tokenizer=None):
+    """A transformers PretrainedConfig for `model_cfg.model_type` with the vocab padded to 64.
+
+    With a tokenizer, its special-token ids go into the config so exports generate and
+    fill masks correctly.
+    """
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if model_cfg.model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"model.model_type={model_cfg.model_type!r} is not a transformers model type; "
+            f"e.g. bert, roberta, gpt2, llama (see transformers.CONFIG_MAPPING)"
+        )
+    kwargs = OmegaConf.to_container(model_cfg.config, resolve=True) if model_cfg.get("config") else {}
+    kwargs["vocab_size"] = padded_vocab_size(vocab_size)
+    if tokenizer is not None:
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer, name, None)
+            if value is not None:
+                kwargs[name] = value
+    try:
+        config = AutoConfig.for_model(model_cfg.model_type, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.config for model={model_cfg.name} is invalid: {_first_line(err)}") from None
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
+        raise ConfigError(
+            f"model={model_cfg.name}: hidden size {hidden} is not divisible by {heads} attention heads"
+        )
+    return config
+
+
+def max_positions(config) -> int | None:
+    """Longest sequence the config's position embeddings allow (None when unbounded, e.g. T5)."""
+    return getattr(config, "max_position_embeddings", None)
+
+
+def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementation: str = "sdpa"):
+    """A randomly initialised model from `model_cfg`, or the weights at `model.pretrained`.
+
+    auto_class: the transformers Auto* class whose head the objective needs, e.g.
+    AutoModelForMaskedLM or AutoModelForCausalLM.
+    """
+    if model_cfg.pretrained:
+        path = os.path.expanduser(model_cfg.pretrained)
+        try:
+            model = auto_class.from_pretrained(path, attn_implementation=attn_implementation)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.pretrained={path!r} cannot be loaded as {auto_class.__name__}: "
+                              f"{_first_line(err)}") from None
+        n_embeddings = model.get_input_embeddings().num_embeddings
+        if n_embeddings < len(tokenizer):
+            raise ConfigError(
+                f"model.pretrained={path!r} has {n_embeddings} token embeddings but the tokenizer has "
+                f"{len(tokenizer)} tokens; use the checkpoint's own tokenizer (tokenizer.path)"
+            )
+        return model
+    config = build_model_config(model_cfg, vocab_size=len(tokenizer), tokenizer=tokenizer)
+    try:
+        return auto_class.from_config(config, attn_implementation=attn_implementation)
+    except ValueError as err:
+        raise ConfigError(f"model={model_cfg.name} cannot be built as {auto_class.__name__}: "
+                          f"{_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# Modules that map encoder hidden states to vocabulary logits, in order, per model type. With
+# them an MLM head can run on the masked positions only (~15% of tokens); other types run dense.
+MASKED_LM_HEADS = {
+    "bert": ("cls",),
+    "roberta": ("lm_head",),
+    "xlm-roberta": ("lm_head",),
+    "albert": ("predictions",),
+    "deberta-v2": ("cls",),
+    "electra": ("generator_predictions", "generator_lm_head"),
+}
+
+
+def masked_lm_head(model) -> list | None:
+    """The head modules of a *ForMaskedLM model (hidden (N, H) -> logits (N, V)), or None if unknown."""
+    names = MASKED_LM_HEADS.get(getattr(model.config, "model_type", None))
+    if names is None or not all(hasattr(model, n) for n in names):
+        return None
+    return [getattr(model, n) for n in names]

@@ -1,0 +1,31 @@
+"""Pretext objectives. Each is one module + one YAML (conf/objective/<name>.yaml) whose
+`_target_` names the class; nothing else needs to change to add one."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from ssltrain.errors import ConfigError
+from ssltrain.objectives.base import Objective, ObjectiveOutput, params_of
+
+__all__ = ["Objective", "ObjectiveOutput", "objective_class", "build_objective"]
+
+
+def objective_class(objective_cfg: DictConfig) -> type[Objective]:
+    from hydra.utils import get_class
+
+    target = objective_cfg.get("_target_")
+    if not target:
+        raise ConfigError("objective has no _target_ naming its class (e.g. ssltrain.objectives.mlm.MaskedLM)")
+    try:
+        cls = get_class(target)
+    except Exception:
+        raise ConfigError(f"objective._target_={target!r} cannot be imported") from None
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise ConfigError(f"objective._target_={target!r} is not an ssltrain Objective subclass")
+    return cls
+
+
+def build_objective(cfg: DictConfig, tokenizer) -> Objective:
+    cls = objective_class(cfg.objective)
+    return cls(model_cfg=cfg.model, tokenizer=tokenizer, hardware=cfg.hardware, **params_of(cfg.objective))

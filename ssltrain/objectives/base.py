@@ -1,0 +1,103 @@
+"""The Objective protocol: an nn.Module that owns its backbone and heads, gives a picklable
+collator, and maps a batch to an ObjectiveOutput. The training loop knows nothing else.
+
+Adding an objective = one module here + one YAML in conf/objective/ whose `_target_` names the
+class; the class declares what it needs (modality, backbone attention) so that incompatible
+choices fail at start with a message naming what fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers.utils import ModelOutput
+
+from ssltrain.config import Spec
+from ssltrain.errors import ConfigError
+
+Metric = tuple[torch.Tensor, torch.Tensor]  # (sum, count): means combine exactly over batches and ranks
+
+
+@dataclass
+class ObjectiveOutput(ModelOutput):
+    """loss: scalar mean the optimizer minimises.
+    metrics: name -> (sum, count) tensors; "loss" among them, summed over prediction targets.
+    num_tokens: input tokens in the batch (for tokens/s)."""
+
+    loss: torch.Tensor | None = None
+    metrics: dict[str, Metric] | None = None
+    num_tokens: torch.Tensor | None = None
+
+
+class Objective(torch.nn.Module):
+    #: "text" | "image": which data groups fit.
+    modality: ClassVar[str] = "text"
+    #: backbone attention the task needs ("bidirectional" | "causal"), or None for any.
+    attention: ClassVar[str | None] = None
+    #: True when exp(mean loss) is a perplexity worth reporting.
+    reports_perplexity: ClassVar[bool] = False
+    #: constructor parameters (the YAML keys besides _target_) and what each may be.
+    PARAMS: ClassVar[dict[str, Spec]] = {}
+    #: one line for listings.
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def check_params(cls, objective_cfg: DictConfig) -> None:
+        params = {k: v for k, v in OmegaConf.to_container(objective_cfg, resolve=True).items() if k != "_target_"}
+        unknown = sorted(set(params) - set(cls.PARAMS))
+        if unknown:
+            raise ConfigError(
+                f"objective.{unknown[0]} is not a parameter of {cls.__name__}; valid: "
+                f"{', '.join(sorted(cls.PARAMS)) or '(none)'}"
+            )
+        for key, spec in cls.PARAMS.items():
+            if key in params:
+                spec.check(f"objective.{key}", params[key])
+
+    @classmethod
+    def check_compatible(cls, cfg: DictConfig) -> None:
+        name = cls.__name__
+        if cfg.data.modality != cls.modality:
+            raise ConfigError(
+                f"objective {name} trains on {cls.modality} but data={cfg.data.source} gives "
+                f"{cfg.data.modality}; pick a {cls.modality} data group"
+            )
+        if cls.attention and cfg.model.attention != cls.attention:
+            raise ConfigError(
+                f"objective {name} needs a {cls.attention} model but model={cfg.model.name} is "
+                f"{cfg.model.attention}; pick one of: {', '.join(compatible_models(cls.attention))}"
+            )
+
+    @classmethod
+    def positions_needed(cls, seq_len: int) -> int:
+        """Position embeddings a seq_len-token training example uses."""
+        return seq_len
+
+    def build_collator(self):
+        """A picklable callable (columns: dict of numpy arrays, generator) -> batch of tensors."""
+        raise NotImplementedError
+
+    def export_model(self):
+        """The transformers PreTrainedModel written to <run>/final with save_pretrained."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def compatible_models(attention: str) -> list[str]:
+    """Names of the shipped model configs with the given attention."""
+    from ssltrain.paths import config_dir
+
+    names = []
+    for path in sorted((config_dir() / "model").glob("*.yaml")):
+        if OmegaConf.load(path).get("attention") == attention:
+            names.append(path.stem)
+    return names
+
+
+def params_of(objective_cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(objective_cfg, resolve=True).items() if k != "_target_"}

@@ -1,0 +1,54 @@
+"""Pure loss and masking functions shared by objectives. Tested against slow references."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label value that takes no part in the loss (the HF convention)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_limit: int | None = None):
+    """Summed cross-entropy over labelled positions.
+
+    logits: (..., V) float; labels: (...) long, IGNORE_INDEX where no target.
+    vocab_limit: logits columns >= this (vocabulary padding rows) are excluded from the softmax.
+    Returns (loss_sum, n_targets, n_correct) as 0-dim tensors; loss_sum is float32.
+    """
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[..., :vocab_limit]
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = labels.reshape(-1)
+    loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = labels != IGNORE_INDEX
+    n_targets = valid.sum()
+    n_correct = ((logits.argmax(-1) == labels) & valid).sum()
+    return loss_sum, n_targets, n_correct
+
+
+def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, *, mask_prob: float, replace_with_mask: float,
+                replace_with_random: float, mask_token_id: int, vocab_size: int, generator: torch.Generator):
+    """BERT masking. Of the non-special positions, select each with probability mask_prob; of the
+    selected, replace_with_mask -> [MASK], replace_with_random -> a uniform random token, the rest
+    unchanged. Labels hold the original ids at selected positions and IGNORE_INDEX elsewhere.
+
+    input_ids: (B, T) long; special_mask: (B, T) bool, True where the token must never be selected.
+    Returns (masked_input_ids, labels), both (B, T) long.
+    """
+    shape = input_ids.shape
+    selected = (torch.rand(shape, generator=generator) < mask_prob) & ~special_mask
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    # One uniform draw per position decides the replacement kind: [0, m) mask, [m, m + r) random.
+    kind = torch.rand(shape, generator=generator)
+    to_mask = selected & (kind < replace_with_mask)
+    to_random = selected & (kind >= replace_with_mask) & (kind < replace_with_mask + replace_with_random)
+    random_ids = torch.randint(vocab_size, shape, generator=generator, dtype=input_ids.dtype)
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def shift_for_next_token(input_ids: torch.Tensor, logits: torch.Tensor):
+    """Next-token pairs: logits at position t predict the token at t+1.
+    input_ids: (B, T); logits: (B, T, V) -> ((B, T-1, V), (B, T-1))."""
+    return logits[:, :-1, :], input_ids[:, 1:]

@@ -1,0 +1,26 @@
+"""AdamW with decoupled weight decay on matrices only, and a transformers LR schedule."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+
+def build_optimizer(model: torch.nn.Module, opt_cfg: DictConfig, fused: bool = False) -> torch.optim.AdamW:
+    """Weight decay on >=2-D weights (linear, embedding); none on biases and norm scales."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": opt_cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps, **extra)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, opt_cfg: DictConfig, max_steps: int):
+    """Linear warm-up to lr over warmup_ratio x max_steps, then the named decay (cosine, linear, ...) to max_steps.
+    Stepped once per optimizer step; its state_dict is saved in checkpoints."""
+    from transformers import get_scheduler
+
+    return get_scheduler(opt_cfg.scheduler, optimizer, num_warmup_steps=round(opt_cfg.warmup_ratio * max_steps),
+                         num_training_steps=max_steps)

@@ -1,0 +1,216 @@
+"""The one training loop. It knows objectives only through the Objective protocol:
+batch -> objective(batch) -> ObjectiveOutput(loss, metrics) -> backward -> clip -> step."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ssltrain.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from ssltrain.config import validate_config, world_size_from_env
+from ssltrain.data.blocks import build_blocks
+from ssltrain.data.corpus import load_corpus
+from ssltrain.data.loader import BatchDataset, DataPosition, derived_seed, train_batches
+from ssltrain.data.tokenizer import build_tokenizer
+from ssltrain.errors import ConfigError, DataError, UserError
+from ssltrain.evaluation.heldout import accumulate, evaluate, reduce_metrics
+from ssltrain.objectives import build_objective
+from ssltrain.optim import build_optimizer, build_scheduler
+from ssltrain.tracking import RunTracker
+
+
+def build_accelerator(hw: DictConfig):
+    """An Accelerator for the hardware group. On CPU, cpu=True is what makes launcher-started
+    processes join one gloo group instead of each believing it is alone."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    with contextlib.suppress(AttributeError):  # fresh precision settings when called twice in one process
+        AcceleratorState._reset_state()
+    if hw.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    accelerator = Accelerator(cpu=hw.device == "cpu", mixed_precision=hw.mixed_precision,
+                              step_scheduler_with_optimizer=False)
+    launched = world_size_from_env()
+    if accelerator.num_processes != launched:
+        raise UserError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but this one joined a group of "
+            f"{accelerator.num_processes}: each rank would train alone; launch with torchrun or "
+            f"`accelerate launch --multi_gpu` and hardware.device matching the machine"
+        )
+    return accelerator
+
+
+def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(checkpoint_root)
+    return Path(resume).expanduser()
+
+
+def prepare_data(cfg: DictConfig, accelerator):
+    """Corpus -> tokenizer -> packed blocks; the main process builds caches first, the others
+    then read them."""
+    with accelerator.main_process_first():
+        corpus, corpus_key = load_corpus(cfg.data, cfg.cache_dir)
+        tokenizer = build_tokenizer(cfg, corpus, corpus_key)
+        tokenizer.model_max_length = cfg.trainer.seq_len
+        blocks = build_blocks(corpus, tokenizer, cfg.trainer.seq_len, cfg.cache_dir, corpus_key,
+                              num_proc=cfg.data.num_proc)
+    need = cfg.trainer.micro_batch_size * accelerator.num_processes
+    if len(blocks["train"]) < need:
+        raise DataError(f"the training split gives {len(blocks['train'])} blocks of {cfg.trainer.seq_len} tokens, "
+                        f"fewer than one micro-batch of {need}; add data or lower trainer.seq_len / "
+                        f"trainer.micro_batch_size")
+    if len(blocks["validation"]) < accelerator.num_processes:
+        raise DataError(f"the validation split gives {len(blocks['validation'])} blocks, fewer than one per process")
+    return tokenizer, blocks
+
+
+def parameter_checksum(module: torch.nn.Module) -> float:
+    """Order-sensitive float64 fingerprint of all parameters: equal on ranks that stayed in sync."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, p in enumerate(module.parameters()):
+        total += (i + 1) * p.detach().double().sum().cpu()
+    return total.item()
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Pretrain as configured; write records, checkpoints and the export under run_dir.
+
+    Returns {"run_dir", "step", "eval": final held-out metrics, "export": path or None}.
+    """
+    validate_config(cfg)
+    accelerator = build_accelerator(cfg.hardware)
+    run_dir = Path(_broadcast(str(Path(run_dir).resolve()), accelerator))
+    main = accelerator.is_main_process
+    t = cfg.trainer
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accum = t.batch_size // (t.micro_batch_size * world)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    tokenizer, blocks = prepare_data(cfg, accelerator)
+    objective = build_objective(cfg, tokenizer)
+    optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, t.max_steps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    torch.manual_seed(derived_seed(cfg.seed, rank))  # per-rank dropout streams
+    reports_ppl = type(accelerator.unwrap_model(objective)).reports_perplexity
+
+    tracker = RunTracker(run_dir, t.max_steps, enabled=main)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+
+    step, tokens_seen, position = 0, 0, DataPosition()
+    checkpoint_root = run_dir / "checkpoints"
+    resume_from = resolve_resume(t.resume, checkpoint_root)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        position = DataPosition(state["epoch"], state["batch"])
+        tracker.record("resume", step, {"from": str(resume_from), "epoch": position.epoch, "batch": position.batch})
+
+    collator = accelerator.unwrap_model(objective).build_collator()
+    train_examples = blocks["train"].with_format("numpy")
+    val_examples = blocks["validation"].with_format("numpy")
+
+    def make_dataset(epoch: int) -> BatchDataset:
+        return BatchDataset(train_examples, collator, t.micro_batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
+                            world_size=world, shuffle=True)
+
+    def run_eval() -> dict:
+        return evaluate(objective, val_examples, collator, micro_batch_size=t.micro_batch_size,
+                        max_batches=t.eval_batches, seed=cfg.seed, accelerator=accelerator)
+
+    # Tokens this rank processed since start-up, kept on the device so counting never syncs.
+    local_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+
+    def total_tokens() -> int:
+        return tokens_seen + int(accelerator.reduce(local_tokens.clone(), reduction="sum").item())
+
+    def checkpoint() -> None:
+        save_checkpoint(checkpoint_root, step, accelerator, objective, optimizer, scheduler,
+                        {"epoch": position.epoch, "batch": position.batch, "tokens_seen": total_tokens()},
+                        config_yaml, t.keep_checkpoints)
+
+    from accelerate.utils import gather_object
+
+    first_examples = gather_object([make_dataset(position.epoch).indices(position.batch)[:4]])
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(objective).parameters())
+    tracker.record("start", step, {
+        "world_size": world, "grad_accum": accum, "params": n_params, "train_blocks": len(train_examples),
+        "validation_blocks": len(val_examples), "vocab": len(tokenizer), "rank_first_examples": first_examples,
+    })
+    if step == 0:
+        tracker.record("eval", 0, run_eval())
+
+    batches = train_batches(make_dataset, position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
+    window: dict[str, list[torch.Tensor]] = {}
+    window_start, window_tokens = time.perf_counter(), total_tokens()
+    objective.train()
+    while step < t.max_steps:
+        for micro in range(accum):
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+            sync = accelerator.no_sync(objective) if micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                out = objective(batch)
+                accelerator.backward(out.loss / accum)
+            accumulate(window, out.metrics)
+            local_tokens += out.num_tokens.detach()
+        grad_norm = None
+        if cfg.optimizer.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.optimizer.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            values = reduce_metrics(window, accelerator, reports_ppl)
+            seen = total_tokens()
+            elapsed = time.perf_counter() - window_start
+            values.update(lr=lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9), tokens_seen=seen)
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            tracker.record("train", step, values)
+            window = {}
+            window_start, window_tokens = time.perf_counter(), seen
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            tracker.record("eval", step, run_eval())
+            window_start, window_tokens = time.perf_counter(), total_tokens()
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            checkpoint()
+            window_start, window_tokens = time.perf_counter(), total_tokens()
+
+    final_eval = run_eval()
+    tracker.record("eval", step, final_eval)
+    if t.checkpoint_every and step % t.checkpoint_every:
+        checkpoint()
+    export = export_pretrained(run_dir, accelerator, objective, tokenizer) if t.export else None
+    checksums = gather_object([parameter_checksum(accelerator.unwrap_model(objective))])
+    tracker.record("end", step, {"world_size": world, "param_checksums": checksums, "tokens_seen": total_tokens(),
+                                 "export": str(export) if export else None})
+    tracker.close()
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"replicas diverged: parameter checksums per rank {checksums}")
+    return {"run_dir": run_dir, "step": step, "eval": final_eval, "export": export}
+
+
+def _broadcast(value: str, accelerator) -> str:
+    """Rank 0's value on every rank (run directories resolved per rank can differ)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+__all__ = ["train", "build_accelerator", "ConfigError"]
