@@ -68,13 +68,49 @@ def preflight(argv: list[str]) -> None:
         jobs = job_overrides(overrides) if args.multirun else [overrides]
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="ssltrain"):
             for job in jobs[:MAX_PREFLIGHT_JOBS]:
-                cfg = compose(config_name=args.config_name or CONFIG_NAME, overrides=job)
+                config_name = args.config_name or CONFIG_NAME
+                try:
+                    cfg = compose(config_name=config_name, overrides=job)
+                except HydraException as err:
+                    raise UserError(_unknown_key_message(err, config_name, job) or str(err)) from None
                 try:
                     validate_config(cfg)
                 except UserError as err:
                     raise UserError(f"{err}" + (f" (in job {' '.join(job)})" if args.multirun else "")) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(str(err)) from None
+
+
+def _unknown_key_message(err: Exception, config_name: str, job: list[str]) -> str | None:
+    """'trainer.max_stepz=5' -> name the unknown key, the closest valid one and the keys there are
+    (Hydra only suggests appending it with '+', which would make a typo silently do nothing)."""
+    import difflib
+
+    from hydra import compose
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    bad = re.match(r"Could not override '([^']+)'", str(err))
+    if not (bad and isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key):
+        return None
+    parent, _, name = cause.full_key.rpartition(".")
+    # The same group choices (model=..., data=...), without key=value overrides and the bad one.
+    groups = [o for o in job
+              if "." not in o.split("=")[0] and o.split("=")[0] != bad.group(1) and o[:1] not in "+~"]
+    try:
+        base = compose(config_name=config_name, overrides=groups)
+        node = OmegaConf.select(base, parent) if parent else base
+    except Exception:
+        return None
+    if not isinstance(node, DictConfig):
+        return None
+    keys = sorted(str(k) for k in node.keys())
+    close = difflib.get_close_matches(name, keys, n=1)
+    suggestion = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
+    append = str(err).rsplit("use ", 1)[-1] if "use +" in str(err) else f"+{bad.group(1)}=..."
+    return (f"{bad.group(1)} is not a config key; {suggestion}valid keys in {parent or 'the top level'}: "
+            f"{', '.join(keys)} (to add a new key on purpose: {append})")
 
 
 def _rank() -> int:
@@ -91,11 +127,12 @@ def _isolate_non_main_rank(argv: list[str]) -> str | None:
     return scratch
 
 
-def _remove_unfinished_run(run_dir: Path) -> None:
-    """After a user error, drop the run directory if it holds nothing but Hydra's own files."""
+def _remove_unfinished_run(run_dir: Path, job_log: str = "ssltrain.log") -> None:
+    """After a user error, drop the run directory if it holds nothing but Hydra's own files
+    (job_log: Hydra's log file, <hydra.job.name>.log)."""
     if not run_dir.is_dir():
         return
-    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", "ssltrain.log", "config.yaml", "metrics.jsonl", "tb"}
+    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", job_log, "config.yaml", "metrics.jsonl", "tb"}
     if not leftovers:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -113,7 +150,7 @@ def _hydra_app():
             train(cfg, run_dir)
         except UserError as err:
             if _rank() == 0:
-                _remove_unfinished_run(run_dir)
+                _remove_unfinished_run(run_dir, f"{HydraConfig.get().job.name}.log")
             fail(str(err))
         except KeyboardInterrupt:
             print("ssltrain: interrupted", file=sys.stderr)

@@ -117,7 +117,8 @@ def select(cfg: DictConfig, key: str) -> Any:
     """cfg value at a dotted key; a required (???) value that was not given is a ConfigError."""
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
-    except MissingMandatoryValue:
+    except MissingMandatoryValue as err:
+        key = err.full_key or key  # "data.paths" even when cfg is the data node
         raise ConfigError(f"{key} is required: pass it on the command line as {key}=...") from None
 
 

@@ -34,9 +34,16 @@ def build_accelerator(hw: DictConfig):
     if hw.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    accelerator = Accelerator(cpu=hw.device == "cpu", mixed_precision=hw.mixed_precision,
-                              step_scheduler_with_optimizer=False)
     launched = world_size_from_env()
+    try:
+        accelerator = Accelerator(cpu=hw.device == "cpu", mixed_precision=hw.mixed_precision,
+                                  step_scheduler_with_optimizer=False)
+    except (ValueError, torch.distributed.DistError) as err:
+        # e.g. WORLD_SIZE set by hand without MASTER_ADDR, or the rendezvous timing out with no peer.
+        raise UserError(
+            f"could not join a process group of {launched} processes (WORLD_SIZE={launched}): {err}; "
+            f"start every rank with torchrun or `accelerate launch`, or unset WORLD_SIZE for one process"
+        ) from None
     if accelerator.num_processes != launched:
         raise UserError(
             f"the launcher started {launched} processes (WORLD_SIZE) but this one joined a group of "

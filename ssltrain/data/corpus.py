@@ -176,6 +176,24 @@ def _split_and_filter(dataset_dict, data_cfg: DictConfig, origin: str):
     return dataset_dict
 
 
+def _not_utf8_message(files: list[str], err: UnicodeDecodeError) -> str:
+    """Name the first file that does not decode as UTF-8 (datasets' error does not say which)."""
+    import codecs
+
+    for path in files:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            try:
+                while chunk := f.read(1 << 20):
+                    decoder.decode(chunk)
+                    offset += len(chunk)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as bad:
+                return (f"data.paths: {path!r} is not UTF-8 text ({bad.reason} at byte {offset + bad.start}); "
+                        "convert it to UTF-8")
+    return f"data.paths: a file is not UTF-8 text ({err.reason})"
+
+
 class TextFilesCorpus:
     """Local files; .txt files give one document per line (datasets' "text" builder)."""
 
@@ -203,12 +221,10 @@ class TextFilesCorpus:
             raise DataError(f"data.paths: every file is empty ({', '.join(files[:3])})")
         try:
             raw = datasets.load_dataset(formats.pop(), data_files={"train": files})
-        except UnicodeDecodeError as err:
-            raise DataError(f"data.paths: a file is not UTF-8 text ({err.reason} at byte {err.start})") from None
         except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
-            cause = err.__cause__ or err
+            cause = err if isinstance(err, UnicodeDecodeError) else err.__cause__ or err
             if isinstance(cause, UnicodeDecodeError):
-                raise DataError(f"data.paths: a file is not UTF-8 text ({cause.reason})") from None
+                raise DataError(_not_utf8_message(files, cause)) from None
             raise DataError(f"data.paths: cannot read {files[0]!r}: {str(cause).splitlines()[0]}") from None
         corpus = _split_and_filter(raw, data_cfg, f"data.paths={list(files)[:3]}")
         return corpus, fingerprint("text_files", raw["train"]._fingerprint, data_cfg.text_column,

@@ -1,0 +1,73 @@
+"""Shared fixtures: compose the real configs with hydra.compose, a tiny run setting, and an
+isolated cache so tests never touch ~/.cache or the network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+# Small enough for seconds on 2 CPU cores, real enough to learn: the embedded corpus with a
+# 2k vocabulary, 64-token blocks and a 2-layer model.
+TINY = [
+    "tokenizer.vocab_size=2000",
+    "trainer.seq_len=64",
+    "trainer.batch_size=16",
+    "trainer.micro_batch_size=16",
+    "trainer.max_steps=30",
+    "trainer.log_every=5",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=4",
+    "data.max_docs=150",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenizer/corpus cache for the whole session (built once, reused by every run)."""
+    path = tmp_path_factory.mktemp("ssltrain-cache")
+    os.environ["SSLTRAIN_CACHE"] = str(path)
+    os.environ["HF_DATASETS_CACHE"] = str(path / "hf-datasets")
+    return path
+
+
+@pytest.fixture
+def compose(cache_dir):
+    """compose(overrides) -> the DictConfig `ssltrain <overrides>` would run with."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    def _compose(overrides: list[str] | None = None, config_name: str = "train"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+    return _compose
+
+
+@pytest.fixture
+def run_cli(cache_dir, tmp_path):
+    """run_cli(*args) -> CompletedProcess of `python -m ssltrain *args` with the test cache."""
+
+    def _run(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+        full_env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir), **(env or {})}
+        return subprocess.run([sys.executable, "-m", "ssltrain", *args], cwd=str(cwd or tmp_path),
+                              capture_output=True, text=True, timeout=timeout, env=full_env)
+
+    return _run
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]

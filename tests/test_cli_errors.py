@@ -1,0 +1,121 @@
+"""Every user mistake gives one line `ssltrain: error: ...` naming the bad value (and a valid
+choice where there is a set of them), exit code 2, no traceback, and no run directory.
+
+Each case runs the real CLI in a subprocess (`python -m ssltrain ...`, cwd=tmp_path). Most stop
+in the preflight (config composition + validation, before Hydra creates anything); the data
+cases (empty / blank / non-UTF-8 files) get as far as reading the corpus inside the run and
+must leave no run directory behind either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+
+@dataclass
+class Case:
+    args: list[str]  # "{tmp}" is replaced by the test's tmp_path
+    expect: list[str]  # substrings of the error line: the bad value, a valid choice, ...
+    files: dict[str, bytes] = field(default_factory=dict)  # input files created in tmp_path first
+    env: dict[str, str] = field(default_factory=dict)
+
+
+CASES = {
+    # Unknown config group options: the message names the bad option and lists the valid ones.
+    "unknown-model": Case(["model=bert-huge"], ["bert-huge", "bert-tiny", "gpt2-tiny"]),
+    "unknown-objective": Case(["objective=nope"], ["nope", "mlm", "ar"]),
+    # Values of the wrong type.
+    "max-steps-not-int": Case(["trainer.max_steps=abc"], ["trainer.max_steps", "abc", "integer"]),
+    "lr-not-number": Case(["optimizer.lr=fast"], ["optimizer.lr", "fast", "number"]),
+    # A misspelt key: named, with the key that was probably meant.
+    "unknown-key": Case(["trainer.max_stepz=5"], ["trainer.max_stepz", "trainer.max_steps"]),
+    "unknown-model-key": Case(["model=gpt2-tiny", "model.config.n_embdd=64"],
+                              ["model.config.n_embdd", "model.config.n_embd?", "n_head"]),
+    # Data paths.
+    "missing-data-path": Case(["data=text_files", "data.paths=/nonexistent.txt"], ["/nonexistent.txt"]),
+    "no-data-paths": Case(["data=text_files"], ["data.paths"]),
+    "hf-dataset-no-name": Case(["data=hf_dataset"], ["data.name"]),
+    # Corpora that only reading reveals as unusable (these get past the preflight).
+    "empty-file": Case(["data=text_files", "data.paths={tmp}/empty.txt", *TINY], ["{tmp}/empty.txt", "empty"],
+                       files={"empty.txt": b""}),
+    "blank-lines-file": Case(["data=text_files", "data.paths={tmp}/blank.txt", *TINY], ["{tmp}/blank.txt"],
+                             files={"blank.txt": b"\n\n\n\n"}),
+    "non-utf8-file": Case(["data=text_files", "data.paths={tmp}/latin1.txt", *TINY],
+                          ["{tmp}/latin1.txt", "UTF-8"],
+                          files={"latin1.txt": "Caf\u00e9.\nDeuxi\u00e8me ligne.\n".encode("latin-1")}),
+    # Shapes and ranges.
+    "seq-len-beyond-positions": Case(["trainer.seq_len=4096"], ["trainer.seq_len=4096", "512"]),
+    "batch-not-divisible": Case(["trainer.batch_size=30", "trainer.micro_batch_size=16"],
+                                ["trainer.batch_size=30", "16"]),
+    "max-steps-zero": Case(["trainer.max_steps=0"], ["trainer.max_steps=0", ">= 1"]),
+    "lr-out-of-range": Case(["optimizer.lr=5"], ["optimizer.lr=5", "(0.0, 1.0]"]),
+    "mixed-precision-choice": Case(["hardware.mixed_precision=fp8"], ["fp8", "bf16"]),
+    # Combinations.
+    "objective-model-mismatch": Case(["objective=ar", "model=bert-base"], ["bert-base", "gpt2"]),
+    "bad-sweep-value": Case(["-m", "model=bert-tiny,bert-huge"], ["bert-huge", "bert-tiny"]),
+    # No GPU visible (forced, so the case holds on GPU machines too).
+    "gpu-without-gpu": Case(["hardware=gpu"], ["hardware.device=cuda", "hardware=cpu"],
+                            env={"CUDA_VISIBLE_DEVICES": ""}),
+}
+
+
+def _no_traceback(proc) -> None:
+    assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_user_error_is_one_line_and_leaves_nothing(name, run_cli, tmp_path):
+    case = CASES[name]
+    for file, content in case.files.items():
+        (tmp_path / file).write_bytes(content)
+    before = set(tmp_path.iterdir())
+    args = [a.replace("{tmp}", str(tmp_path)) for a in case.args]
+
+    proc = run_cli(*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multirun",
+                   env=case.env)
+
+    output = f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 2, output
+    _no_traceback(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, output
+    last = lines[-1]
+    assert last.startswith("ssltrain: error: "), output
+    for expected in case.expect:
+        assert expected.replace("{tmp}", str(tmp_path)) in last, f"{expected!r} not in {last!r}"
+    # Nothing that looks like a run: no run/sweep directory, no outputs/ in the working directory.
+    assert not (tmp_path / "run").exists(), sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    assert not (tmp_path / "multirun").exists()
+    assert set(tmp_path.iterdir()) == before, sorted(p.name for p in set(tmp_path.iterdir()) - before)
+
+
+def test_help_lists_groups_and_options(run_cli, tmp_path):
+    proc = run_cli("--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _no_traceback(proc)
+    for text in ("model:", "objective:", "data:", "hardware:",  # the config groups...
+                 "bert-tiny", "bert-base", "gpt2-tiny", "mlm", "ar", "docs", "text_files", "hf_dataset",
+                 "cpu", "gpu",
+                 "trainer:", "max_steps"):  # ...and the keys
+        assert text in proc.stdout, f"{text!r} missing from --help:\n{proc.stdout}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cfg_job_prints_config_without_a_run(run_cli, tmp_path):
+    proc = run_cli("--cfg", "job", "objective=ar", "model=gpt2-tiny", "trainer.max_steps=7",
+                   f"hydra.run.dir={tmp_path}/run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _no_traceback(proc)
+    import yaml
+
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["model"]["name"] == "gpt2-tiny"
+    assert cfg["objective"]["_target_"].endswith("CausalLM")
+    assert cfg["trainer"]["max_steps"] == 7
+    assert "hydra" not in cfg
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,76 @@
+"""Every shipped config composes and passes validation; objective/model fits are enforced."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF
+from ssltrain.config import validate_config
+from ssltrain.errors import ConfigError
+
+GROUPS = ["model", "objective", "data", "hardware"]
+REQUIRED = {"text_files": [f"data.paths={CONF / 'train.yaml'}", "data.format=text"],
+            "hf_dataset": ["data.name=wikitext"]}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def fitting_overrides(group: str, option: str) -> list[str]:
+    """Overrides that make `group=option` a valid combination with the other defaults."""
+    extra = list(REQUIRED.get(option, []))
+    if group == "model" and OmegaConf.load(CONF / "model" / f"{option}.yaml").attention == "causal":
+        extra.append("objective=ar")
+    if group == "objective" and option == "ar":
+        extra.append("model=gpt2-tiny")
+    return extra
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_composes_and_every_key_is_commented(compose, group, option):
+    cfg = compose([f"{group}={option}", *fitting_overrides(group, option)])
+    assert cfg[group] is not None
+    if group == "hardware" and cfg.hardware.device == "cuda":
+        return  # validated on GPU machines; here it must fail with a clear message (tests/test_cli_errors.py)
+    validate_config(cfg)
+    # House rule: every YAML key carries a comment saying what it does.
+    for line in (CONF / group / f"{option}.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "-")) and ":" in stripped and not stripped.endswith(":"):
+            assert "#" in line, f"{group}/{option}.yaml: uncommented key: {line!r}"
+
+
+def test_default_is_tiny_bert_mlm_on_embedded_docs_on_cpu(compose):
+    cfg = compose()
+    assert (cfg.model.name, cfg.data.source, cfg.hardware.device) == ("bert-tiny", "docs", "cpu")
+    assert cfg.objective._target_.endswith("MaskedLM")
+    validate_config(cfg)
+
+
+def test_base_sizes_match_the_papers(compose):
+    bert = compose(["model=bert-base"]).model.config
+    assert (bert.hidden_size, bert.num_hidden_layers, bert.num_attention_heads, bert.intermediate_size) == (
+        768, 12, 12, 3072)
+    gpt2 = compose(["model=gpt2", "objective=ar"]).model.config
+    assert (gpt2.n_embd, gpt2.n_layer, gpt2.n_head, gpt2.n_positions) == (768, 12, 12, 1024)
+
+
+def test_gpt2_has_124m_parameters_with_its_50k_vocab(compose):
+    from ssltrain.models import build_model_config
+    from transformers import AutoModelForCausalLM
+
+    config = build_model_config(compose(["model=gpt2", "objective=ar"]).model, vocab_size=50257)
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 124
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["objective=ar", "model=bert-base"], "gpt2"),
+    (["objective=mlm", "model=gpt2-tiny"], "bert-tiny"),
+])
+def test_mismatched_objective_and_model_names_what_fits(compose, overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate_config(compose(overrides))

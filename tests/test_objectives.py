@@ -1,0 +1,120 @@
+"""Objective maths against the spec and against slow, independently written references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ssltrain.objectives.functional import IGNORE_INDEX, mask_tokens, shift_for_next_token, token_cross_entropy
+
+MASK_ID, VOCAB = 4, 500
+SPECIAL = (0, 1, 2, 3, 4)
+
+
+def sample_mask_batch(mask_prob=0.15, p_mask=0.8, p_random=0.1, seed=0, shape=(256, 128)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(SPECIAL), VOCAB, shape, generator=g)
+    ids[:, 0] = 2  # [CLS]
+    ids[:, 50] = 3  # [SEP] inside the block
+    special = torch.isin(ids, torch.tensor(SPECIAL))
+    masked, labels = mask_tokens(ids, special, mask_prob=mask_prob, replace_with_mask=p_mask,
+                                 replace_with_random=p_random, mask_token_id=MASK_ID, vocab_size=VOCAB, generator=g)
+    return ids, special, masked, labels
+
+
+def test_mlm_selects_15_percent_of_non_special_tokens_and_replaces_80_10_10():
+    ids, special, masked, labels = sample_mask_batch()
+    selected = labels != IGNORE_INDEX
+    n_sel = selected.sum().item()
+    n_candidates = (~special).sum().item()  # ~32k positions: binomial sd of the rate ~0.002
+    assert abs(n_sel / n_candidates - 0.15) < 0.006
+    assert not (selected & special).any(), "special tokens must never be selected"
+    assert torch.equal(labels[selected], ids[selected]), "labels hold the original token"
+    became_mask = (masked == MASK_ID) & selected
+    unchanged = (masked == ids) & selected
+    random_other = selected & ~became_mask & ~unchanged
+    # A random replacement can draw the original token (1/VOCAB) or [MASK]; the tolerance covers it.
+    assert abs(became_mask.sum().item() / n_sel - 0.8) < 0.015
+    assert abs(unchanged.sum().item() / n_sel - 0.1) < 0.01
+    assert abs(random_other.sum().item() / n_sel - 0.1) < 0.01
+    assert torch.equal(masked[~selected], ids[~selected]), "unselected positions are untouched"
+
+
+def test_mlm_rates_are_configurable_and_masking_is_seeded():
+    _, special, masked, labels = sample_mask_batch(mask_prob=0.4, p_mask=1.0, p_random=0.0)
+    selected = labels != IGNORE_INDEX
+    assert abs(selected.sum().item() / (~special).sum().item() - 0.4) < 0.01
+    assert (masked[selected] == MASK_ID).all()
+    a, b = sample_mask_batch(seed=7)[2], sample_mask_batch(seed=7)[2]
+    assert torch.equal(a, b)
+
+
+def reference_cross_entropy(logits, labels):
+    """Slow per-position log-softmax, written without F.cross_entropy."""
+    total, n, correct = 0.0, 0, 0
+    for row, label in zip(logits.reshape(-1, logits.shape[-1]).tolist(), labels.reshape(-1).tolist()):
+        if label == IGNORE_INDEX:
+            continue
+        top = max(row)
+        log_z = top + math.log(sum(math.exp(v - top) for v in row))
+        total += log_z - row[label]
+        n += 1
+        correct += int(max(range(len(row)), key=row.__getitem__) == label)
+    return total, n, correct
+
+
+def test_token_cross_entropy_matches_reference_and_ignores_unlabelled_and_padding_rows():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 7, 12, generator=g)
+    labels = torch.randint(10, (3, 7), generator=g)
+    labels[0, :3] = IGNORE_INDEX
+    loss, n, correct = token_cross_entropy(logits, labels, vocab_limit=10)
+    ref_loss, ref_n, ref_correct = reference_cross_entropy(logits[..., :10], labels)
+    assert n.item() == ref_n and correct.item() == ref_correct
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_ar_targets_are_inputs_shifted_by_one_and_loss_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(20, (2, 6), generator=g)
+    logits = torch.randn(2, 6, 20, generator=g)
+    shifted_logits, targets = shift_for_next_token(ids, logits)
+    assert torch.equal(targets, ids[:, 1:])
+    assert torch.equal(shifted_logits, logits[:, :-1])
+    loss, n, _ = token_cross_entropy(shifted_logits, targets)
+    # Reference: position t predicts token t+1, summed over every sequence.
+    ref = 0.0
+    for b in range(2):
+        for t in range(5):
+            ref += -torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]].item()
+    assert n.item() == 10 and loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    from ssltrain.data.corpus import pydoc_topic_documents
+    from ssltrain.data.tokenizer import train_tokenizer
+
+    return train_tokenizer([d["text"] for d in pydoc_topic_documents()[:30]], "wordpiece", 600)
+
+
+def test_sparse_mlm_head_gives_the_dense_loss(compose, tiny_tokenizer):
+    from ssltrain.objectives import build_objective
+
+    cfg = compose(["trainer.seq_len=32"])
+    torch.manual_seed(0)
+    sparse = build_objective(cfg, tiny_tokenizer)
+    dense = build_objective(compose(["objective.sparse_head=false"]), tiny_tokenizer)
+    dense.load_state_dict(sparse.state_dict())
+    assert sparse.sparse_head and not dense.sparse_head
+    ids = torch.randint(5, len(tiny_tokenizer), (4, 32))
+    batch = sparse.build_collator()({"input_ids": ids.numpy()}, torch.Generator().manual_seed(3))
+    sparse.eval(), dense.eval()
+    out_s, out_d = sparse(batch), dense(batch)
+    assert out_s.loss.item() == pytest.approx(out_d.loss.item(), rel=1e-5)
+    assert out_s.metrics["masked_acc"][0].item() == out_d.metrics["masked_acc"][0].item()
+    out_s.loss.backward(), out_d.loss.backward()
+    for (name, p_s), p_d in zip(sparse.named_parameters(), dense.parameters()):
+        assert torch.allclose(p_s.grad, p_d.grad, atol=1e-6), name
