@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Throughput of ssltrain's real training step (same objective, model, collator, optimizer and
+precision code as `ssltrain`), for a fixed number of warm-up and timed optimizer steps.
+
+    python scripts/bench.py                                   # tiny BERT MLM on CPU
+    python scripts/bench.py model=bert-base hardware=gpu trainer.micro_batch_size=128
+    python scripts/bench.py --json objective=ar model=gpt2 hardware=gpu trainer.seq_len=1024
+
+Prints tokens/s, step time, model FLOPs utilisation (MFU) and peak memory.
+FLOPs per token = 6 x (non-embedding params + vocab x hidden) + 12 x layers x hidden x seq_len.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ssltrain.config import validate_config  # noqa: E402
+from ssltrain.data.loader import BatchDataset  # noqa: E402
+from ssltrain.objectives import build_objective  # noqa: E402
+from ssltrain.optim import build_optimizer, build_scheduler  # noqa: E402
+from ssltrain.paths import config_dir  # noqa: E402
+from ssltrain.train import build_accelerator, prepare_data  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    config = model.config
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
+    return 6 * (non_embedding + config.vocab_size * hidden) + 12 * layers * hidden * seq_len
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="ssltrain config overrides")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args()
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=args.overrides)
+    validate_config(cfg)
+    accelerator = build_accelerator(cfg.hardware)
+    tokenizer, blocks = prepare_data(cfg, accelerator)
+    objective = build_objective(cfg, tokenizer)
+    optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.trainer.max_steps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    t = cfg.trainer
+    data = BatchDataset(blocks["train"].with_format("numpy"), accelerator.unwrap_model(objective).build_collator(),
+                        t.micro_batch_size, seed=cfg.seed, epoch=0)
+    accum = t.batch_size // t.micro_batch_size
+    batches = (data[i % len(data)] for i in range(10**9))
+
+    def step() -> int:
+        tokens = 0
+        for _ in range(accum):
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+            out = objective(batch)
+            accelerator.backward(out.loss / accum)
+            tokens += batch["input_ids"].numel()
+        accelerator.clip_grad_norm_(objective.parameters(), cfg.optimizer.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    def sync() -> None:
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    tokens = sum(step() for _ in range(args.steps))
+    sync()
+    elapsed = time.perf_counter() - start
+    model = accelerator.unwrap_model(objective).export_model()
+    tokens_per_s = tokens / elapsed
+    achieved = tokens_per_s * flops_per_token(model, t.seq_len)
+    peak = peak_tflops(accelerator.device, args.peak_tflops)
+    result = {
+        "objective": cfg.objective._target_.rsplit(".", 1)[-1], "model": cfg.model.name,
+        "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu",
+        "precision": cfg.hardware.mixed_precision, "seq_len": t.seq_len, "batch_size": t.batch_size,
+        "tokens_per_s": round(tokens_per_s, 1), "step_time_ms": round(1000 * elapsed / args.steps, 2),
+        "achieved_tflops": round(achieved / 1e12, 4),
+        "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if accelerator.device.type == "cuda" else None,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
