@@ -23,12 +23,12 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ssltrain.config import validate_config  # noqa: E402
-from ssltrain.data.loader import BatchDataset  # noqa: E402
-from ssltrain.objectives import build_objective  # noqa: E402
-from ssltrain.optim import build_optimizer, build_scheduler  # noqa: E402
-from ssltrain.paths import config_dir  # noqa: E402
-from ssltrain.train import build_accelerator, prepare_data  # noqa: E402
+from ssltrain.config import validate_config
+from ssltrain.data.loader import BatchDataset
+from ssltrain.objectives import build_objective
+from ssltrain.optim import build_optimizer, build_scheduler
+from ssltrain.paths import config_dir
+from ssltrain.train import build_accelerator, prepare_data
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 

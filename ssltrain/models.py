@@ -21,7 +21,7 @@ def build_model_config(model_cfg: DictConfig, vocab_size: int, tokenizer=None):
     With a tokenizer, its special-token ids go into the config so exports generate and
     fill masks correctly.
     """
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     if model_cfg.model_type not in CONFIG_MAPPING:
         raise ConfigError(

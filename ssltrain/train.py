@@ -220,4 +220,4 @@ def _broadcast(value: str, accelerator) -> str:
     return broadcast_object_list([value], from_process=0)[0]
 
 
-__all__ = ["train", "build_accelerator", "ConfigError"]
+__all__ = ["ConfigError", "build_accelerator", "train"]

@@ -10,10 +10,8 @@ must leave no run directory behind either.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-
 from conftest import TINY
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF
 from omegaconf import OmegaConf
 
-from conftest import CONF
 from ssltrain.config import validate_config
 from ssltrain.errors import ConfigError
 
@@ -58,8 +58,9 @@ def test_base_sizes_match_the_papers(compose):
 
 
 def test_gpt2_has_124m_parameters_with_its_50k_vocab(compose):
-    from ssltrain.models import build_model_config
     from transformers import AutoModelForCausalLM
+
+    from ssltrain.models import build_model_config
 
     config = build_model_config(compose(["model=gpt2", "objective=ar"]).model, vocab_size=50257)
     with __import__("torch").device("meta"):

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, read_metrics
 
 LAUNCH_TIMEOUT_S = 240  # a two-process TINY run takes ~25 s on 2 cores; a hang fails instead of blocking CI

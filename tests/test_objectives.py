@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from ssltrain.objectives.functional import IGNORE_INDEX, mask_tokens, shift_for_next_token, token_cross_entropy
+from ssltrain.objectives.functional import (
+    IGNORE_INDEX,
+    mask_tokens,
+    shift_for_next_token,
+    token_cross_entropy,
+)
 
 MASK_ID, VOCAB = 4, 500
 SPECIAL = (0, 1, 2, 3, 4)

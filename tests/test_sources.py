@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY, read_metrics
+
 from ssltrain.train import train
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, read_metrics
 from omegaconf import OmegaConf
 
-from conftest import TINY, read_metrics
 from ssltrain.train import train
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,10 @@ def test_resume_from_checkpoint_gives_identical_losses_and_weights(compose, tmp_
     (part["run_dir"] / "metrics.jsonl").unlink()
     cfg = compose([*TINY, *common])
     resumed = train(cfg, part["run_dir"])
-    losses = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if r["kind"] == "train"}  # noqa: E731
+
+    def losses(run_dir):
+        return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
     full_losses, resumed_losses = losses(full["run_dir"]), losses(resumed["run_dir"])
     assert sorted(resumed_losses) == list(range(6, 13))
     for step in range(6, 13):

@@ -213,7 +213,10 @@ class TextFilesCorpus:
         import datasets
 
         files = expand_paths(data_cfg.paths)
-        formats = {data_cfg.format} if data_cfg.format != "auto" else {_EXTENSION_FORMATS[Path(f).suffix] for f in files}
+        if data_cfg.format != "auto":
+            formats = {data_cfg.format}
+        else:
+            formats = {_EXTENSION_FORMATS[Path(f).suffix] for f in files}
         if len(formats) != 1:
             raise ConfigError(f"data.paths mixes formats {sorted(formats)}; give one kind of file or set data.format")
         empty = [f for f in files if os.path.getsize(f) == 0]

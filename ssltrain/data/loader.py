@@ -10,8 +10,8 @@ replay of earlier batches: the position in the data is two integers.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 

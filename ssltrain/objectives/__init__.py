@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from ssltrain.errors import ConfigError
 from ssltrain.objectives.base import Objective, ObjectiveOutput, params_of
 
-__all__ = ["Objective", "ObjectiveOutput", "objective_class", "build_objective"]
+__all__ = ["Objective", "ObjectiveOutput", "build_objective", "objective_class"]
 
 
 def objective_class(objective_cfg: DictConfig) -> type[Objective]:

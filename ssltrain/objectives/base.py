@@ -46,7 +46,7 @@ class Objective(torch.nn.Module):
 
     @classmethod
     def check_params(cls, objective_cfg: DictConfig) -> None:
-        params = {k: v for k, v in OmegaConf.to_container(objective_cfg, resolve=True).items() if k != "_target_"}
+        params = params_of(objective_cfg)
         unknown = sorted(set(params) - set(cls.PARAMS))
         if unknown:
             raise ConfigError(
