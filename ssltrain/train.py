@@ -115,97 +115,99 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if main:
         (run_dir / "config.yaml").write_text(config_yaml)
 
-    step, tokens_seen, position = 0, 0, DataPosition()
-    checkpoint_root = run_dir / "checkpoints"
-    resume_from = resolve_resume(t.resume, checkpoint_root)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        position = DataPosition(state["epoch"], state["batch"])
-        tracker.record("resume", step, {"from": str(resume_from), "epoch": position.epoch, "batch": position.batch})
+    try:
+        step, tokens_seen, position = 0, 0, DataPosition()
+        checkpoint_root = run_dir / "checkpoints"
+        resume_from = resolve_resume(t.resume, checkpoint_root)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler)
+            step, tokens_seen = state["step"], state["tokens_seen"]
+            position = DataPosition(state["epoch"], state["batch"])
+            tracker.record("resume", step, {"from": str(resume_from), "epoch": position.epoch, "batch": position.batch})
 
-    collator = accelerator.unwrap_model(objective).build_collator()
-    train_examples = blocks["train"].with_format("numpy")
-    val_examples = blocks["validation"].with_format("numpy")
+        collator = accelerator.unwrap_model(objective).build_collator()
+        train_examples = blocks["train"].with_format("numpy")
+        val_examples = blocks["validation"].with_format("numpy")
 
-    def make_dataset(epoch: int) -> BatchDataset:
-        return BatchDataset(train_examples, collator, t.micro_batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
-                            world_size=world, shuffle=True)
+        def make_dataset(epoch: int) -> BatchDataset:
+            return BatchDataset(train_examples, collator, t.micro_batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
+                                world_size=world, shuffle=True)
 
-    def run_eval() -> dict:
-        return evaluate(objective, val_examples, collator, micro_batch_size=t.micro_batch_size,
-                        max_batches=t.eval_batches, seed=cfg.seed, accelerator=accelerator)
+        def run_eval() -> dict:
+            return evaluate(objective, val_examples, collator, micro_batch_size=t.micro_batch_size,
+                            max_batches=t.eval_batches, seed=cfg.seed, accelerator=accelerator)
 
-    # Tokens this rank processed since start-up, kept on the device so counting never syncs.
-    local_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        # Tokens this rank processed since start-up, kept on the device so counting never syncs.
+        local_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
 
-    def total_tokens() -> int:
-        return tokens_seen + int(accelerator.reduce(local_tokens.clone(), reduction="sum").item())
+        def total_tokens() -> int:
+            return tokens_seen + int(accelerator.reduce(local_tokens.clone(), reduction="sum").item())
 
-    def checkpoint() -> None:
-        save_checkpoint(checkpoint_root, step, accelerator, objective, optimizer, scheduler,
-                        {"epoch": position.epoch, "batch": position.batch, "tokens_seen": total_tokens()},
-                        config_yaml, t.keep_checkpoints)
+        def checkpoint() -> None:
+            save_checkpoint(checkpoint_root, step, accelerator, objective, optimizer, scheduler,
+                            {"epoch": position.epoch, "batch": position.batch, "tokens_seen": total_tokens()},
+                            config_yaml, t.keep_checkpoints)
 
-    from accelerate.utils import gather_object
+        from accelerate.utils import gather_object
 
-    first_examples = gather_object([make_dataset(position.epoch).indices(position.batch)[:4]])
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(objective).parameters())
-    tracker.record("start", step, {
-        "world_size": world, "grad_accum": accum, "params": n_params, "train_blocks": len(train_examples),
-        "validation_blocks": len(val_examples), "vocab": len(tokenizer), "rank_first_examples": first_examples,
-    })
-    if step == 0:
-        tracker.record("eval", 0, run_eval())
+        first_examples = gather_object([make_dataset(position.epoch).indices(position.batch)[:4]])
+        n_params = sum(p.numel() for p in accelerator.unwrap_model(objective).parameters())
+        tracker.record("start", step, {
+            "world_size": world, "grad_accum": accum, "params": n_params, "train_blocks": len(train_examples),
+            "validation_blocks": len(val_examples), "vocab": len(tokenizer), "rank_first_examples": first_examples,
+        })
+        if step == 0:
+            tracker.record("eval", 0, run_eval())
 
-    batches = train_batches(make_dataset, position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
-    window: dict[str, list[torch.Tensor]] = {}
-    window_start, window_tokens = time.perf_counter(), total_tokens()
-    objective.train()
-    while step < t.max_steps:
-        for micro in range(accum):
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
-            sync = accelerator.no_sync(objective) if micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                out = objective(batch)
-                accelerator.backward(out.loss / accum)
-            accumulate(window, out.metrics)
-            local_tokens += out.num_tokens.detach()
-        grad_norm = None
-        if cfg.optimizer.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.optimizer.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        batches = train_batches(make_dataset, position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
+        window: dict[str, list[torch.Tensor]] = {}
+        window_start, window_tokens = time.perf_counter(), total_tokens()
+        objective.train()
+        while step < t.max_steps:
+            for micro in range(accum):
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+                sync = accelerator.no_sync(objective) if micro < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    out = objective(batch)
+                    accelerator.backward(out.loss / accum)
+                accumulate(window, out.metrics)
+                local_tokens += out.num_tokens.detach()
+            grad_norm = None
+            if cfg.optimizer.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.optimizer.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            values = reduce_metrics(window, accelerator, reports_ppl)
-            seen = total_tokens()
-            elapsed = time.perf_counter() - window_start
-            values.update(lr=lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9), tokens_seen=seen)
-            if grad_norm is not None:
-                values["grad_norm"] = float(grad_norm)
-            tracker.record("train", step, values)
-            window = {}
-            window_start, window_tokens = time.perf_counter(), seen
-        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            tracker.record("eval", step, run_eval())
-            window_start, window_tokens = time.perf_counter(), total_tokens()
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            if step % t.log_every == 0 or step == t.max_steps:
+                values = reduce_metrics(window, accelerator, reports_ppl)
+                seen = total_tokens()
+                elapsed = time.perf_counter() - window_start
+                values.update(lr=lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9), tokens_seen=seen)
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                tracker.record("train", step, values)
+                window = {}
+                window_start, window_tokens = time.perf_counter(), seen
+            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                tracker.record("eval", step, run_eval())
+                window_start, window_tokens = time.perf_counter(), total_tokens()
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                checkpoint()
+                window_start, window_tokens = time.perf_counter(), total_tokens()
+
+        final_eval = run_eval()
+        tracker.record("eval", step, final_eval)
+        if t.checkpoint_every and step % t.checkpoint_every:
             checkpoint()
-            window_start, window_tokens = time.perf_counter(), total_tokens()
-
-    final_eval = run_eval()
-    tracker.record("eval", step, final_eval)
-    if t.checkpoint_every and step % t.checkpoint_every:
-        checkpoint()
-    export = export_pretrained(run_dir, accelerator, objective, tokenizer) if t.export else None
-    checksums = gather_object([parameter_checksum(accelerator.unwrap_model(objective))])
-    tracker.record("end", step, {"world_size": world, "param_checksums": checksums, "tokens_seen": total_tokens(),
-                                 "export": str(export) if export else None})
-    tracker.close()
+        export = export_pretrained(run_dir, accelerator, objective, tokenizer) if t.export else None
+        checksums = gather_object([parameter_checksum(accelerator.unwrap_model(objective))])
+        tracker.record("end", step, {"world_size": world, "param_checksums": checksums, "tokens_seen": total_tokens(),
+                                     "export": str(export) if export else None})
+    finally:
+        tracker.close()
     if len(set(checksums)) > 1:
         raise RuntimeError(f"replicas diverged: parameter checksums per rank {checksums}")
     return {"run_dir": run_dir, "step": step, "eval": final_eval, "export": export}
