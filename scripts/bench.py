@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ssltrain.config import validate_config
 from ssltrain.data.loader import BatchDataset
-from ssltrain.objectives import build_objective
+from ssltrain.objectives import build_objective, objective_class
 from ssltrain.optim import build_optimizer, build_scheduler
 from ssltrain.paths import config_dir
 from ssltrain.train import build_accelerator, prepare_data
@@ -64,13 +64,13 @@ def main() -> None:
         cfg = compose("train", overrides=args.overrides)
     validate_config(cfg)
     accelerator = build_accelerator(cfg.hardware)
-    tokenizer, blocks = prepare_data(cfg, accelerator)
+    tokenizer, examples = prepare_data(cfg, accelerator, objective_class(cfg.objective))
     objective = build_objective(cfg, tokenizer)
     optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.trainer.max_steps)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     t = cfg.trainer
-    data = BatchDataset(blocks["train"].with_format("numpy"), accelerator.unwrap_model(objective).build_collator(),
+    data = BatchDataset(examples["train"].with_format("numpy"), accelerator.unwrap_model(objective).build_collator(),
                         t.micro_batch_size, seed=cfg.seed, epoch=0)
     accum = t.batch_size // t.micro_batch_size
     batches = (data[i % len(data)] for i in range(10**9))

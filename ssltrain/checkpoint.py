@@ -204,7 +204,8 @@ def export_pretrained(run_dir: Path, accelerator, objective, tokenizer) -> Path 
         shutil.rmtree(tmp, ignore_errors=True)
         model = accelerator.unwrap_model(objective).export_model()
         model.save_pretrained(str(tmp))
-        save_tokenizer(tokenizer, str(tmp))
+        if tokenizer is not None:  # image objectives have none
+            save_tokenizer(tokenizer, str(tmp))
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -101,8 +101,9 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "hardware.tf32": Spec(bool),
     "model.name": Spec(str),
     "model.model_type": Spec(str),
-    "model.attention": Spec(choices=("bidirectional", "causal")),
-    "model.tokenizer_type": Spec(choices=("wordpiece", "bpe")),
+    # bidirectional: encoders (BERT); causal: decoders (GPT-2); encoder-decoder: T5; none: CNNs
+    "model.attention": Spec(choices=("bidirectional", "causal", "encoder-decoder", "none")),
+    "model.tokenizer_type": Spec(choices=("wordpiece", "bpe"), nullable=True),  # null for image models
     "model.pretrained": Spec(str, nullable=True),
     "data.source": Spec(str),
     "data.modality": Spec(choices=("text", "image")),

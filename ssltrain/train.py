@@ -12,13 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssltrain.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssltrain.config import validate_config, world_size_from_env
-from ssltrain.data.blocks import build_blocks
 from ssltrain.data.corpus import load_corpus
 from ssltrain.data.loader import BatchDataset, DataPosition, derived_seed, train_batches
 from ssltrain.data.tokenizer import build_tokenizer
 from ssltrain.errors import ConfigError, DataError, UserError
 from ssltrain.evaluation.heldout import accumulate, evaluate, reduce_metrics
-from ssltrain.objectives import build_objective
+from ssltrain.objectives import build_objective, objective_class
 from ssltrain.optim import build_optimizer, build_scheduler
 from ssltrain.tracking import RunTracker
 
@@ -61,23 +60,24 @@ def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
     return Path(resume).expanduser()
 
 
-def prepare_data(cfg: DictConfig, accelerator):
-    """Corpus -> tokenizer -> packed blocks; the main process builds caches first, the others
-    then read them."""
+def prepare_data(cfg: DictConfig, accelerator, objective_cls):
+    """Corpus -> tokenizer (text objectives) -> the objective's training examples. The main
+    process builds the caches first; the others then read them."""
     with accelerator.main_process_first():
         corpus, corpus_key = load_corpus(cfg.data, cfg.cache_dir)
-        tokenizer = build_tokenizer(cfg, corpus, corpus_key)
-        tokenizer.model_max_length = cfg.trainer.seq_len
-        blocks = build_blocks(corpus, tokenizer, cfg.trainer.seq_len, cfg.cache_dir, corpus_key,
-                              num_proc=cfg.data.num_proc)
+        tokenizer = None
+        if objective_cls.modality == "text":
+            tokenizer = build_tokenizer(cfg, corpus, corpus_key)
+            tokenizer.model_max_length = cfg.trainer.seq_len
+        examples = objective_cls.build_examples(corpus, tokenizer, cfg, corpus_key)
     need = cfg.trainer.micro_batch_size * accelerator.num_processes
-    if len(blocks["train"]) < need:
-        raise DataError(f"the training split gives {len(blocks['train'])} blocks of {cfg.trainer.seq_len} tokens, "
-                        f"fewer than one micro-batch of {need}; add data or lower trainer.seq_len / "
-                        f"trainer.micro_batch_size")
-    if len(blocks["validation"]) < accelerator.num_processes:
-        raise DataError(f"the validation split gives {len(blocks['validation'])} blocks, fewer than one per process")
-    return tokenizer, blocks
+    if len(examples["train"]) < need:
+        raise DataError(f"the training split gives {len(examples['train'])} examples, fewer than one micro-batch of "
+                        f"{need}; add data or lower trainer.micro_batch_size (or trainer.seq_len for text)")
+    if len(examples["validation"]) < accelerator.num_processes:
+        raise DataError(f"the validation split gives {len(examples['validation'])} examples, fewer than one per "
+                        f"process; raise data.validation_fraction or add data")
+    return tokenizer, examples
 
 
 def parameter_checksum(module: torch.nn.Module) -> float:
@@ -102,7 +102,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     accum = t.batch_size // (t.micro_batch_size * world)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    tokenizer, blocks = prepare_data(cfg, accelerator)
+    tokenizer, examples = prepare_data(cfg, accelerator, objective_class(cfg.objective))
     objective = build_objective(cfg, tokenizer)
     optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, t.max_steps)
@@ -126,8 +126,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             tracker.record("resume", step, {"from": str(resume_from), "epoch": position.epoch, "batch": position.batch})
 
         collator = accelerator.unwrap_model(objective).build_collator()
-        train_examples = blocks["train"].with_format("numpy")
-        val_examples = blocks["validation"].with_format("numpy")
+        train_examples = examples["train"].with_format("numpy")
+        val_examples = examples["validation"].with_format("numpy")
 
         def make_dataset(epoch: int) -> BatchDataset:
             return BatchDataset(train_examples, collator, t.micro_batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
@@ -153,8 +153,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         first_examples = gather_object([make_dataset(position.epoch).indices(position.batch)[:4]])
         n_params = sum(p.numel() for p in accelerator.unwrap_model(objective).parameters())
         tracker.record("start", step, {
-            "world_size": world, "grad_accum": accum, "params": n_params, "train_blocks": len(train_examples),
-            "validation_blocks": len(val_examples), "vocab": len(tokenizer), "rank_first_examples": first_examples,
+            "world_size": world, "grad_accum": accum, "params": n_params, "train_examples": len(train_examples),
+            "validation_examples": len(val_examples),
+            "vocab": len(tokenizer) if tokenizer is not None else None, "rank_first_examples": first_examples,
         })
         if step == 0:
             tracker.record("eval", 0, run_eval())

@@ -30,7 +30,7 @@ def test_text_files_jsonl_with_a_custom_column_trains(compose, tmp_path):
                    "trainer.max_steps=4", "trainer.export=false"])
     result = train(cfg, tmp_path / "run")
     start = next(r for r in read_metrics(result["run_dir"]) if r["kind"] == "start")
-    assert start["train_blocks"] > 16 and start["validation_blocks"] >= 1
+    assert start["train_examples"] > 16 and start["validation_examples"] >= 1
 
 
 def test_hf_dataset_loads_a_local_dataset_directory(compose, tmp_path):

@@ -76,6 +76,15 @@ class Objective(torch.nn.Module):
         """Position embeddings a seq_len-token training example uses."""
         return seq_len
 
+    @classmethod
+    def build_examples(cls, corpus, tokenizer, cfg: DictConfig, corpus_key: str):
+        """DatasetDict(train, validation) of training examples, cached. Default for text: the
+        corpus tokenised once and packed into trainer.seq_len-token blocks ({"input_ids"})."""
+        from ssltrain.data.blocks import build_blocks
+
+        return build_blocks(corpus, tokenizer, cfg.trainer.seq_len, cfg.cache_dir, corpus_key,
+                            num_proc=cfg.data.get("num_proc"))
+
     def build_collator(self):
         """A picklable callable (columns: dict of numpy arrays, generator) -> batch of tensors."""
         raise NotImplementedError
