@@ -51,12 +51,66 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * (non_embedding + config.vocab_size * hidden) + 12 * layers * hidden * seq_len
 
 
+def hf_baseline_step(cfg, model_config, tokenizer, examples, device, micro_batch_size: int, accum: int):
+    """The plain Hugging Face recipe: *ForMaskedLM / *ForCausalLM with DataCollatorForLanguageModeling,
+    torch AdamW, autocast in the configured precision. Same model config, data and batch size."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, DataCollatorForLanguageModeling
+
+    causal = cfg.model.attention == "causal"
+    auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
+    model = auto.from_config(model_config).to(device)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=not causal, mlm_probability=0.15)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.hardware.mixed_precision)
+    rows = examples["train"]
+    position = [0]
+
+    def step() -> int:
+        tokens = 0
+        for _ in range(accum):
+            start = position[0] % max(1, len(rows) - micro_batch_size)
+            position[0] += micro_batch_size
+            batch = collator([{"input_ids": ids} for ids in rows[start:start + micro_batch_size]["input_ids"]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = model(**batch).loss
+            (loss / accum).backward()
+            tokens += batch["input_ids"].numel()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    return model, step
+
+
+def measure(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float, float | None]:
+    """(tokens/s, seconds per step, peak GiB) over `steps` timed steps after `warmup`."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    tokens = sum(step() for _ in range(steps))
+    sync()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return tokens / elapsed, elapsed / steps, peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="ssltrain config overrides")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain Hugging Face baseline")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args()
 
@@ -75,7 +129,8 @@ def main() -> None:
     accum = t.batch_size // t.micro_batch_size
     batches = (data[i % len(data)] for i in range(10**9))
 
-    def step() -> int:
+    def ssltrain_step() -> int:
+        """The loop's step: objective forward (its own head and loss), backward, clip, step."""
         tokens = 0
         for _ in range(accum):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
@@ -88,39 +143,41 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return tokens
 
-    def sync() -> None:
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    tokens = sum(step() for _ in range(args.steps))
-    sync()
-    elapsed = time.perf_counter() - start
+    device = accelerator.device
     model = accelerator.unwrap_model(objective).export_model()
-    tokens_per_s = tokens / elapsed
-    achieved = tokens_per_s * flops_per_token(model, t.seq_len)
-    peak = peak_tflops(accelerator.device, args.peak_tflops)
+    flops = flops_per_token(model, t.seq_len)
+    peak = peak_tflops(device, args.peak_tflops)
+    runs = {"ssltrain": measure(ssltrain_step, args.warmup, args.steps, device)}
+    if not args.no_baseline:
+        _, baseline = hf_baseline_step(cfg, model.config, tokenizer, examples, device, t.micro_batch_size, accum)
+        runs["hf_baseline"] = measure(baseline, args.warmup, args.steps, device)
+
+    def row(name: str) -> dict:
+        tokens_per_s, step_s, peak_gib = runs[name]
+        achieved = tokens_per_s * flops
+        return {"tokens_per_s": round(tokens_per_s, 1), "step_time_ms": round(1000 * step_s, 2),
+                "achieved_tflops": round(achieved / 1e12, 4),
+                "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
+                "peak_memory_gib": round(peak_gib, 2) if peak_gib is not None else None}
+
     result = {
         "objective": cfg.objective._target_.rsplit(".", 1)[-1], "model": cfg.model.name,
-        "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "precision": cfg.hardware.mixed_precision, "seq_len": t.seq_len, "batch_size": t.batch_size,
-        "tokens_per_s": round(tokens_per_s, 1), "step_time_ms": round(1000 * elapsed / args.steps, 2),
-        "achieved_tflops": round(achieved / 1e12, 4),
-        "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if accelerator.device.type == "cuda" else None,
+        "flops_per_token": flops, **{name: row(name) for name in runs},
     }
+    if "hf_baseline" in runs:
+        result["speedup_vs_hf"] = round(runs["ssltrain"][0] / runs["hf_baseline"][0], 3)
     if args.json:
         print(json.dumps(result))
-    else:
-        width = max(map(len, result))
-        for key, value in result.items():
-            print(f"{key:<{width}}  {value}")
+        return
+    head = {k: v for k, v in result.items() if not isinstance(v, dict)}
+    for key, value in head.items():
+        print(f"{key:<16} {value}")
+    names = list(runs)
+    print(f"\n{'':<16} " + " ".join(f"{n:>14}" for n in names))
+    for metric in row(names[0]):
+        print(f"{metric:<16} " + " ".join(f"{str(result[n][metric]):>14}" for n in names))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,20 @@ def test_bench_reports_throughput_as_json_and_as_a_table(cache_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["model"] == "bert-tiny" and result["device"] == "cpu"
-    assert result["tokens_per_s"] > 0 and result["step_time_ms"] > 0
-    assert 0 < result["mfu"] < 1
+    for run in ("ssltrain", "hf_baseline"):
+        assert result[run]["tokens_per_s"] > 0 and result[run]["step_time_ms"] > 0
+        assert 0 < result[run]["mfu"] < 1
+    assert result["speedup_vs_hf"] == pytest.approx(
+        result["ssltrain"]["tokens_per_s"] / result["hf_baseline"]["tokens_per_s"], rel=1e-2)
+    # FLOPs per token by the formula: 6 x (non-embedding + vocab x hidden) + 12 x L x H x T.
+    h, layers, t, vocab = 128, 2, 64, 2048  # bert-tiny, TINY seq_len, vocab 2000 padded to 64
+    non_embedding = layers * (4 * h * h + 4 * h + 2 * h * 4 * h + 4 * h + h + 4 * h) + 2 * h  # blocks + emb LN
+    non_embedding += h * h + h + 2 * h + vocab  # MLM head transform + LN + decoder bias
+    assert result["flops_per_token"] == 6 * (non_embedding + vocab * h) + 12 * layers * h * t
     table = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert table.returncode == 0
-    rows = dict(line.split(None, 1) for line in table.stdout.strip().splitlines()[-11:])
-    assert {"tokens_per_s", "step_time_ms", "mfu", "peak_memory_gib"} <= set(rows)
+    lines = table.stdout.strip().splitlines()
+    assert lines[-6].split() == ["ssltrain", "hf_baseline"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[-5:]}
+    assert set(rows) == {"tokens_per_s", "step_time_ms", "achieved_tflops", "mfu", "peak_memory_gib"}
+    assert all(len(values) == 2 for values in rows.values())
