@@ -166,12 +166,59 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler) -> dict:
-    """Restore everything save_checkpoint wrote, for this rank. Returns trainer_state."""
+# Settings a checkpoint's run must share with the run resuming it: they decide the weights'
+# shapes, the data and its order. Anything else (max_steps, cadences, hardware) may change.
+RESUME_MUST_MATCH = ("seed", "model", "objective", "data", "tokenizer", "trainer.seq_len", "trainer.batch_size",
+                     "trainer.micro_batch_size")
+RESUME_MAY_DIFFER = ("data.num_proc",)
+
+
+def _leaves(node, prefix: str) -> dict:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, (DictConfig, dict)):
+        items = node.items()
+    elif isinstance(node, (ListConfig, list)):
+        return {prefix: OmegaConf.to_container(node) if isinstance(node, ListConfig) else node}
+    else:
+        return {prefix: node}
+    out = {}
+    for key, value in items:
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_mismatches(saved, current) -> list[str]:
+    """Dotted keys among RESUME_MUST_MATCH whose values differ between two resolved configs."""
+    from omegaconf import OmegaConf
+
+    differing = []
+    for key in RESUME_MUST_MATCH:
+        a = _leaves(OmegaConf.select(saved, key), key)
+        b = _leaves(OmegaConf.select(current, key), key)
+        differing += [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUME_MAY_DIFFER]
+    return differing
+
+
+def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cfg=None) -> dict:
+    """Restore everything save_checkpoint wrote, for this rank. Returns trainer_state.
+    With cfg, refuse a checkpoint whose run differs in a setting of RESUME_MUST_MATCH."""
+    from omegaconf import OmegaConf
+
     path = Path(path)
     if not is_complete(path):
         missing = [n for n in REQUIRED_FILES if not (path / n).is_file()]
         raise UserError(f"trainer.resume={str(path)!r} is not a complete checkpoint (missing {', '.join(missing)})")
+    if cfg is not None and (path / "config.yaml").is_file():
+        saved = OmegaConf.load(path / "config.yaml")
+        current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        differing = config_mismatches(saved, current)
+        if differing:
+            shown = ", ".join(f"{k} ({OmegaConf.select(saved, k)!r} -> {OmegaConf.select(current, k)!r})"
+                              for k in differing[:4])
+            raise UserError(f"checkpoint {path} was written by a different config: {shown}"
+                            f"{' ...' if len(differing) > 4 else ''}; resume with the original settings or "
+                            f"start fresh with trainer.resume=null")
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("world_size", 1) != accelerator.num_processes:
         raise UserError(f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "

@@ -143,6 +143,7 @@ def _hydra_app():
 
     @hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")
     def app(cfg) -> None:
+        from ssltrain.faults import RunStopped
         from ssltrain.train import train
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -152,6 +153,9 @@ def _hydra_app():
             if _rank() == 0:
                 _remove_unfinished_run(run_dir, f"{HydraConfig.get().job.name}.log")
             fail(str(err))
+        except RunStopped as stopped:
+            print(f"ssltrain: {stopped}", file=sys.stderr)
+            sys.exit(stopped.exit_code)
         except KeyboardInterrupt:
             print("ssltrain: interrupted", file=sys.stderr)
             sys.exit(130)

@@ -4,22 +4,32 @@ batch -> objective(batch) -> ObjectiveOutput(loss, metrics) -> backward -> clip 
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssltrain.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from ssltrain.checkpoint import (
+    checkpoint_name,
+    export_pretrained,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ssltrain.config import validate_config, world_size_from_env
 from ssltrain.data.corpus import load_corpus
 from ssltrain.data.loader import BatchDataset, DataPosition, derived_seed, train_batches
 from ssltrain.data.tokenizer import build_tokenizer
 from ssltrain.errors import ConfigError, DataError, UserError
 from ssltrain.evaluation.heldout import accumulate, evaluate, reduce_metrics
+from ssltrain.faults import NonFiniteGuard, RunStopped, StopSignals
 from ssltrain.objectives import build_objective, objective_class
 from ssltrain.optim import build_optimizer, build_scheduler
 from ssltrain.tracking import RunTracker
+
+EXIT_DIVERGED = 3  # exit code when too many non-finite steps stop a run
 
 
 def build_accelerator(hw: DictConfig):
@@ -120,7 +130,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         checkpoint_root = run_dir / "checkpoints"
         resume_from = resolve_resume(t.resume, checkpoint_root)
         if resume_from is not None:
-            state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler)
+            state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler, cfg)
             step, tokens_seen = state["step"], state["tokens_seen"]
             position = DataPosition(state["epoch"], state["batch"])
             tracker.record("resume", step, {"from": str(resume_from), "epoch": position.epoch, "batch": position.batch})
@@ -163,41 +173,65 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         batches = train_batches(make_dataset, position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
         window: dict[str, list[torch.Tensor]] = {}
         window_start, window_tokens = time.perf_counter(), total_tokens()
+        guard = NonFiniteGuard(t.max_nonfinite_in_row)
+        max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
         objective.train()
-        while step < t.max_steps:
-            for micro in range(accum):
-                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
-                sync = accelerator.no_sync(objective) if micro < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    out = objective(batch)
-                    accelerator.backward(out.loss / accum)
-                accumulate(window, out.metrics)
-                local_tokens += out.num_tokens.detach()
-            grad_norm = None
-            if cfg.optimizer.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.optimizer.grad_clip)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        with StopSignals() as stop:
+            while step < t.max_steps:
+                for micro in range(accum):
+                    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+                    sync = accelerator.no_sync(objective) if micro < accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        out = objective(batch)
+                        accelerator.backward(out.loss / accum)
+                    accumulate(window, out.metrics)
+                    local_tokens += out.num_tokens.detach()
+                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
+                lr = scheduler.get_last_lr()[0]
+                if accelerator.scaler is not None:
+                    optimizer.step()  # the fp16 scaler skips overflowing steps and lowers its scale itself
+                    finite = not optimizer.step_was_skipped
+                else:
+                    finite = bool(torch.isfinite(grad_norm))  # one scalar sync per step
+                    if finite:
+                        optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not guard.update(finite):
+                    window = {}
+                    tracker.record("nonfinite", step, {"in_row": guard.in_row, "total": guard.total})
+                    if guard.too_many:
+                        last = latest_checkpoint(checkpoint_root)
+                        raise RunStopped(
+                            f"stopped after step {step}: {guard.in_row} steps in a row had a non-finite loss or "
+                            f"gradient (trainer.max_nonfinite_in_row={t.max_nonfinite_in_row}); last good "
+                            f"checkpoint: {last or 'none'}; try a lower optimizer.lr", EXIT_DIVERGED)
+                    continue
+                scheduler.step()
+                step += 1
 
-            if step % t.log_every == 0 or step == t.max_steps:
-                values = reduce_metrics(window, accelerator, reports_ppl)
-                seen = total_tokens()
-                elapsed = time.perf_counter() - window_start
-                values.update(lr=lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9), tokens_seen=seen)
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                tracker.record("train", step, values)
-                window = {}
-                window_start, window_tokens = time.perf_counter(), seen
-            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-                tracker.record("eval", step, run_eval())
-                window_start, window_tokens = time.perf_counter(), total_tokens()
-            if t.checkpoint_every and step % t.checkpoint_every == 0:
-                checkpoint()
-                window_start, window_tokens = time.perf_counter(), total_tokens()
+                if step % t.log_every == 0 or step == t.max_steps:
+                    values = reduce_metrics(window, accelerator, reports_ppl)
+                    seen = total_tokens()
+                    elapsed = time.perf_counter() - window_start
+                    values.update(lr=lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9),
+                                  tokens_seen=seen, grad_norm=float(grad_norm), nonfinite_skipped=guard.total)
+                    tracker.record("train", step, values)
+                    window = {}
+                    window_start, window_tokens = time.perf_counter(), seen
+                if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                    tracker.record("eval", step, run_eval())
+                    window_start, window_tokens = time.perf_counter(), total_tokens()
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                    checkpoint()
+                    window_start, window_tokens = time.perf_counter(), total_tokens()
+                if stop.requested(accelerator):
+                    checkpoint()
+                    name = signal.Signals(stop.signum).name
+                    tracker.record("stopped", step, {"signal": name})
+                    raise RunStopped(
+                        f"{name} received: saved checkpoint {checkpoint_root / checkpoint_name(step)} at step "
+                        f"{step}; resume with the same command plus hydra.run.dir={run_dir} "
+                        f"(trainer.resume=auto picks it up)", 128 + stop.signum)
 
         final_eval = run_eval()
         tracker.record("eval", step, final_eval)

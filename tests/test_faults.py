@@ -1,0 +1,120 @@
+"""Preemption, non-finite steps, partial checkpoints and resuming under a different config."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from conftest import TINY, read_metrics
+from ssltrain.checkpoint import latest_checkpoint
+from ssltrain.errors import UserError
+from ssltrain.faults import RunStopped
+from ssltrain.objectives.mlm import MaskedLM
+from ssltrain.train import EXIT_DIVERGED, train
+
+pytestmark = pytest.mark.slow
+RUN = [*TINY, "trainer.max_steps=16", "trainer.log_every=1", "trainer.export=false"]
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(run_cli, cache_dir, tmp_path):
+    import os
+
+    reference = run_cli(*RUN, f"hydra.run.dir={tmp_path / 'ref'}")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    run_dir = tmp_path / "preempted"
+    env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "ssltrain", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # wait for a few training steps, then preempt
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and sum('"kind": "train"' in line for line in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "SIGTERM received" in stderr and "hydra.run.dir=" in stderr and "Traceback" not in stderr
+    stopped_at = next(r["step"] for r in read_metrics(run_dir) if r["kind"] == "stopped")
+    assert stopped_at < 16 and latest_checkpoint(run_dir / "checkpoints").name == f"step-{stopped_at:08d}"
+
+    resumed = run_cli(*RUN, f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = read_metrics(run_dir)
+    resume_at = next(i for i, r in enumerate(records) if r["kind"] == "resume")
+    after = {r["step"]: r["loss"] for r in records[resume_at:] if r["kind"] == "train"}
+    assert sorted(after) == list(range(stopped_at + 1, 17))
+    expected = train_losses(tmp_path / "ref")
+    assert all(after[s] == expected[s] for s in after), "resumed losses must equal the uninterrupted run's"
+
+
+def poison(monkeypatch, bad_calls):
+    """Make MaskedLM.forward return a NaN loss on the given (0-based) training calls."""
+    original = MaskedLM.forward
+    calls = {"n": 0}
+
+    def forward(self, batch):
+        out = original(self, batch)
+        if self.training:
+            if calls["n"] in bad_calls:
+                out.loss = out.loss * torch.tensor(math.nan)
+            calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(MaskedLM, "forward", forward)
+
+
+def test_a_nan_step_is_skipped_and_counted(compose, tmp_path, monkeypatch):
+    poison(monkeypatch, bad_calls={3})
+    result = train(compose([*RUN, "trainer.max_steps=6"]), tmp_path / "run")
+    records = read_metrics(result["run_dir"])
+    assert [r["step"] for r in records if r["kind"] == "nonfinite"] == [3]
+    assert [r for r in records if r["kind"] == "train"][-1]["nonfinite_skipped"] == 1
+    assert result["step"] == 6 and math.isfinite(result["eval"]["loss"])
+
+
+def test_too_many_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(compose, tmp_path, monkeypatch):
+    poison(monkeypatch, bad_calls=set(range(4, 100)))
+    cfg = compose([*RUN, "trainer.checkpoint_every=2", "trainer.max_nonfinite_in_row=3"])
+    with pytest.raises(RunStopped, match="3 steps in a row") as stopped:
+        train(cfg, tmp_path / "run")
+    assert stopped.value.exit_code == EXIT_DIVERGED
+    last = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert last.name == "step-00000004" and str(last) in str(stopped.value)
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 4
+
+
+def test_partial_checkpoints_are_skipped_with_a_warning(compose, tmp_path):
+    result = train(compose([*RUN, "trainer.max_steps=4", "trainer.checkpoint_every=2"]), tmp_path / "run")
+    root = result["run_dir"] / "checkpoints"
+    partial = root / "step-00000009"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    (root / ".tmp-step-00000010").mkdir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert latest_checkpoint(root).name == "step-00000004"
+    assert any("step-00000009" in str(w.message) for w in caught)
+
+
+def test_resuming_with_a_different_config_is_refused_naming_the_keys(compose, tmp_path):
+    train(compose([*RUN, "trainer.max_steps=2", "trainer.checkpoint_every=2"]), tmp_path / "run")
+    changed = compose([*RUN, "trainer.max_steps=4", "trainer.seq_len=32"])
+    with pytest.raises(UserError, match=r"trainer\.seq_len \(64 -> 32\)"):
+        train(changed, tmp_path / "run")
+    # Longer training with otherwise equal settings is a legitimate resume.
+    assert train(compose([*RUN, "trainer.max_steps=4"]), tmp_path / "run")["step"] == 4
