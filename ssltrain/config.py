@@ -73,7 +73,7 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "seed": NON_NEGATIVE,
     "cache_dir": Spec(str),
     "tokenizer.path": Spec(str, nullable=True),
-    "tokenizer.type": Spec(choices=("wordpiece", "bpe")),
+    "tokenizer.type": Spec(choices=("wordpiece", "bpe"), nullable=True),  # null with image models (no tokenizer)
     "tokenizer.vocab_size": Spec(int, low=300, high=1_000_000),
     "tokenizer.lowercase": Spec(bool),
     "trainer.max_steps": POSITIVE,
@@ -87,6 +87,7 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "trainer.keep_checkpoints": POSITIVE,
     "trainer.resume": Spec(str, nullable=True),
     "trainer.export": Spec(bool),
+    "trainer.max_nonfinite_in_row": POSITIVE,
     "optimizer.lr": Spec(float, low=0.0, high=1.0, low_open=True),
     "optimizer.weight_decay": Spec(float, low=0.0, high=1.0),
     "optimizer.eps": Spec(float, low=0.0, high=1.0, low_open=True),
@@ -123,8 +124,15 @@ def select(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key} is required: pass it on the command line as {key}=...") from None
 
 
+# Keys only the text data groups have (image groups have none): checked when present.
+OPTIONAL_KEYS = frozenset({"data.min_doc_chars", "data.max_docs", "data.num_proc"})
+_ABSENT = object()
+
+
 def check_specs(cfg: DictConfig, specs: dict[str, Spec], prefix: str = "") -> None:
     for key, spec in specs.items():
+        if prefix + key in OPTIONAL_KEYS and OmegaConf.select(cfg, prefix + key, default=_ABSENT) is _ABSENT:
+            continue
         spec.check(prefix + key, select(cfg, prefix + key))
 
 
@@ -163,6 +171,8 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
 
     cls = objective_class(cfg.objective)
     cls.check_compatible(cfg)
+    if cls.modality == "text" and cfg.tokenizer.type is None and not cfg.tokenizer.path:  # null: image models only
+        raise ConfigError("tokenizer.type is null; expected wordpiece or bpe (or a tokenizer.path)")
     cls.check_params(cfg.objective)
     # The model config is cheap to build and catches unknown model types and bad shapes.
     model_config = build_model_config(cfg.model, vocab_size=cfg.tokenizer.vocab_size)

@@ -15,8 +15,14 @@ def padded_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-n_tokens // multiple) * multiple
 
 
-def build_model_config(model_cfg: DictConfig, vocab_size: int, tokenizer=None):
-    """A transformers PretrainedConfig for `model_cfg.model_type` with the vocab padded to 64.
+def model_modality(model_cfg: DictConfig) -> str:
+    """"text" for models that read tokens, "image" for those with no tokenizer (tokenizer_type: null)."""
+    return "text" if model_cfg.get("tokenizer_type") else "image"
+
+
+def build_model_config(model_cfg: DictConfig, vocab_size: int | None, tokenizer=None):
+    """A transformers PretrainedConfig for `model_cfg.model_type` with the vocab padded to 64
+    (vocab_size None: an image model, no vocabulary).
 
     With a tokenizer, its special-token ids go into the config so exports generate and
     fill masks correctly.
@@ -29,7 +35,8 @@ def build_model_config(model_cfg: DictConfig, vocab_size: int, tokenizer=None):
             f"e.g. bert, roberta, gpt2, llama (see transformers.CONFIG_MAPPING)"
         )
     kwargs = OmegaConf.to_container(model_cfg.config, resolve=True) if model_cfg.get("config") else {}
-    kwargs["vocab_size"] = padded_vocab_size(vocab_size)
+    if vocab_size is not None:
+        kwargs["vocab_size"] = padded_vocab_size(vocab_size)
     if tokenizer is not None:
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(tokenizer, name, None)
@@ -57,15 +64,19 @@ def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementa
     """A randomly initialised model from `model_cfg`, or the weights at `model.pretrained`.
 
     auto_class: the transformers Auto* class whose head the objective needs, e.g.
-    AutoModelForMaskedLM or AutoModelForCausalLM.
+    AutoModelForMaskedLM or AutoModelForCausalLM. tokenizer: None for image models.
     """
+    # Attention-free models (model.attention: none, e.g. ResNet) reject an attention kernel choice.
+    attn = {} if model_cfg.attention == "none" else {"attn_implementation": attn_implementation}
     if model_cfg.pretrained:
         path = os.path.expanduser(model_cfg.pretrained)
         try:
-            model = auto_class.from_pretrained(path, attn_implementation=attn_implementation)
+            model = auto_class.from_pretrained(path, **attn)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.pretrained={path!r} cannot be loaded as {auto_class.__name__}: "
                               f"{_first_line(err)}") from None
+        if tokenizer is None:
+            return model
         n_embeddings = model.get_input_embeddings().num_embeddings
         if n_embeddings < len(tokenizer):
             raise ConfigError(
@@ -73,9 +84,10 @@ def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementa
                 f"{len(tokenizer)} tokens; use the checkpoint's own tokenizer (tokenizer.path)"
             )
         return model
-    config = build_model_config(model_cfg, vocab_size=len(tokenizer), tokenizer=tokenizer)
+    config = build_model_config(model_cfg, vocab_size=len(tokenizer) if tokenizer is not None else None,
+                                tokenizer=tokenizer)
     try:
-        return auto_class.from_config(config, attn_implementation=attn_implementation)
+        return auto_class.from_config(config, **attn)
     except ValueError as err:
         raise ConfigError(f"model={model_cfg.name} cannot be built as {auto_class.__name__}: "
                           f"{_first_line(err)}") from None

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from conftest import CONF
+
 from ssltrain.catalog import catalog
 
 

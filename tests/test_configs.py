@@ -11,7 +11,8 @@ from ssltrain.errors import ConfigError
 
 GROUPS = ["model", "objective", "data", "hardware"]
 REQUIRED = {"text_files": [f"data.paths={CONF / 'train.yaml'}", "data.format=text"],
-            "hf_dataset": ["data.name=wikitext"]}
+            "hf_dataset": ["data.name=wikitext"], "image_folder": [f"data.path={CONF}"],
+            "hf_image_dataset": ["data.name=cifar10"]}
 
 
 def options(group: str) -> list[str]:
@@ -21,8 +22,14 @@ def options(group: str) -> list[str]:
 def fitting_overrides(group: str, option: str) -> list[str]:
     """Overrides that make `group=option` a valid combination with the other defaults."""
     extra = list(REQUIRED.get(option, []))
-    if group == "model" and OmegaConf.load(CONF / "model" / f"{option}.yaml").attention == "causal":
+    config = OmegaConf.load(CONF / group / f"{option}.yaml")
+    if (group == "data" and config.modality == "image") or (group == "model" and not config.tokenizer_type):
+        extra.append("objective=simclr")  # image data and image models need an image objective
+    attention = OmegaConf.load(CONF / "model" / f"{option}.yaml").attention if group == "model" else None
+    if attention == "causal":
         extra.append("objective=ar")
+    if attention == "encoder-decoder":
+        extra.append("objective=span_corruption")
     if group == "objective" and option == "ar":
         extra.append("model=gpt2-tiny")
     return extra

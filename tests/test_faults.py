@@ -12,8 +12,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import TINY, read_metrics
+
 from ssltrain.checkpoint import latest_checkpoint
 from ssltrain.errors import UserError
 from ssltrain.faults import RunStopped

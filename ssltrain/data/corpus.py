@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from ssltrain.config import select
 from ssltrain.data.cache import cached_dir, fingerprint
+from ssltrain.data.images import IMAGE_SOURCES
 from ssltrain.errors import ConfigError, DataError
 
 DOCS_CORPUS_VERSION = 1  # bump when the extraction below changes, to invalidate caches
@@ -262,9 +263,10 @@ class HFDatasetCorpus:
                                    data_cfg.min_doc_chars, data_cfg.max_docs, data_cfg.validation_fraction)
 
 
-CORPUS_SOURCES = {"docs": DocsCorpus, "text_files": TextFilesCorpus, "hf_dataset": HFDatasetCorpus}
+CORPUS_SOURCES = {"docs": DocsCorpus, "text_files": TextFilesCorpus, "hf_dataset": HFDatasetCorpus,
+                  **IMAGE_SOURCES}  # images: ssltrain/data/images.py
 
 
 def load_corpus(data_cfg: DictConfig, cache_dir: str):
-    """(DatasetDict with train/validation "text" columns, corpus fingerprint)."""
+    """(DatasetDict with train/validation "text" columns, or "pixels"/"label" for images; fingerprint)."""
     return CORPUS_SOURCES[data_cfg.source].load(data_cfg, cache_dir)

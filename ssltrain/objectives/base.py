@@ -59,16 +59,24 @@ class Objective(torch.nn.Module):
 
     @classmethod
     def check_compatible(cls, cfg: DictConfig) -> None:
+        from ssltrain.models import model_modality
+
         name = cls.__name__
         if cfg.data.modality != cls.modality:
             raise ConfigError(
                 f"objective {name} trains on {cls.modality} but data={cfg.data.source} gives "
-                f"{cfg.data.modality}; pick a {cls.modality} data group"
+                f"{cfg.data.modality}; pick {_a(cls.modality)} data group: {', '.join(compatible_data(cls.modality))}"
+            )
+        if model_modality(cfg.model) != cls.modality:
+            raise ConfigError(
+                f"objective {name} needs {_a(cls.modality)} model but model={cfg.model.name} is "
+                f"{_a(model_modality(cfg.model))} model; pick one of: "
+                f"{', '.join(compatible_models(cls.attention, cls.modality))}"
             )
         if cls.attention and cfg.model.attention != cls.attention:
             raise ConfigError(
                 f"objective {name} needs a {cls.attention} model but model={cfg.model.name} is "
-                f"{cfg.model.attention}; pick one of: {', '.join(compatible_models(cls.attention))}"
+                f"{cfg.model.attention}; pick one of: {', '.join(compatible_models(cls.attention, cls.modality))}"
             )
 
     @classmethod
@@ -97,15 +105,29 @@ class Objective(torch.nn.Module):
         raise NotImplementedError
 
 
-def compatible_models(attention: str) -> list[str]:
-    """Names of the shipped model configs with the given attention."""
+def compatible_models(attention: str | None, modality: str = "text") -> list[str]:
+    """Names of the shipped model configs for `modality` with the given attention (None: any)."""
+    from ssltrain.models import model_modality
     from ssltrain.paths import config_dir
 
     names = []
     for path in sorted((config_dir() / "model").glob("*.yaml")):
-        if OmegaConf.load(path).get("attention") == attention:
+        model = OmegaConf.load(path)
+        if model_modality(model) == modality and attention in (None, model.get("attention")):
             names.append(path.stem)
     return names
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def compatible_data(modality: str) -> list[str]:
+    """Names of the shipped data groups that give `modality` examples."""
+    from ssltrain.paths import config_dir
+
+    paths = sorted((config_dir() / "data").glob("*.yaml"))
+    return [p.stem for p in paths if OmegaConf.load(p).get("modality") == modality]
 
 
 def params_of(objective_cfg: DictConfig) -> dict[str, Any]:
