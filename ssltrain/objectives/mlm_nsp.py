@@ -1,0 +1,148 @@
+"""BERT's original pretraining recipe (Devlin et al. 2019): masked language modelling and next
+sentence prediction, trained jointly on "[CLS] A [SEP] B [SEP]" pairs with a *ForPreTraining
+model (BertForPreTraining: MLM head + binary head on the pooled [CLS]).
+
+loss = mean MLM cross-entropy over masked tokens + mean NSP cross-entropy over pairs (the sum
+BERT minimises). Masking is BERT's 15% / 80-10-10 (functional.mask_tokens) from the batch's
+generator; pairs come from the cached pair examples (nsp.py). With pair_task=sop the pair head
+learns ALBERT's sentence order instead. The export is the whole *ForPreTraining model, so it
+loads with AutoModelForPreTraining, AutoModelForMaskedLM and AutoModel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ssltrain.config import PROBABILITY, Spec
+from ssltrain.errors import ConfigError
+from ssltrain.models import build_backbone
+from ssltrain.objectives.base import ObjectiveOutput
+from ssltrain.objectives.functional import IGNORE_INDEX, mask_tokens, token_cross_entropy
+from ssltrain.objectives.nsp import (
+    PAIR_PARAMS,
+    SentencePairObjective,
+    declare_token_types,
+    pair_columns,
+    pair_metrics,
+)
+
+# *ForPreTraining classes with an MLM head and a binary sentence-pair head: model type ->
+# (MLM head module, pair head module) by attribute path, for the sparse MLM head.
+PRETRAINING_HEADS = {
+    "bert": ("cls.predictions", "cls.seq_relationship"),
+    "ernie": ("cls.predictions", "cls.seq_relationship"),
+    "megatron-bert": ("cls.predictions", "cls.seq_relationship"),
+    "mobilebert": ("cls.predictions", "cls.seq_relationship"),
+    "albert": ("predictions", "sop_classifier"),
+}
+
+
+def _module(model, path: str):
+    for name in path.split("."):
+        model = getattr(model, name, None)
+        if model is None:
+            return None
+    return model
+
+
+@dataclass
+class MaskedPairCollator:
+    """Sentence pairs -> padded tensors + BERT masking ("labels": original ids at masked positions)."""
+
+    mask_token_id: int
+    vocab_size: int  # real tokenizer size: random replacements never hit vocabulary padding
+    special_ids: tuple[int, ...]  # never masked: [CLS], [SEP], [PAD], ...
+    mask_prob: float
+    replace_with_mask: float
+    replace_with_random: float
+
+    def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = pair_columns(columns)
+        special = torch.isin(batch["input_ids"], torch.tensor(self.special_ids, dtype=torch.long))
+        special |= batch["attention_mask"] == 0  # padding is never a prediction target
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            batch["input_ids"], special, mask_prob=self.mask_prob, replace_with_mask=self.replace_with_mask,
+            replace_with_random=self.replace_with_random, mask_token_id=self.mask_token_id,
+            vocab_size=self.vocab_size, generator=generator,
+        )
+        return batch
+
+
+class MaskedLMWithNSP(SentencePairObjective):
+    reports_perplexity = False  # "loss" is MLM + NSP; mlm_loss is reported on its own
+    summary = "BERT pretraining: masked language modelling + next sentence prediction (or SOP) on sentence pairs"
+    name = "mlm_nsp"
+    PARAMS = {
+        "mask_prob": Spec(float, low=0.0, high=1.0, low_open=True),
+        "replace_with_mask": PROBABILITY,
+        "replace_with_random": PROBABILITY,
+        "sparse_head": Spec(bool),
+        **PAIR_PARAMS,
+    }
+
+    @classmethod
+    def pair_model_types(cls) -> tuple[str, ...]:
+        return tuple(sorted(PRETRAINING_HEADS))
+
+    @classmethod
+    def check_params(cls, objective_cfg) -> None:
+        super().check_params(objective_cfg)
+        total = objective_cfg.replace_with_mask + objective_cfg.replace_with_random
+        if total > 1.0 + 1e-9:
+            raise ConfigError(
+                f"objective.replace_with_mask + objective.replace_with_random = {total:g} exceeds 1"
+            )
+
+    def __init__(self, *, model_cfg, tokenizer, hardware, mask_prob: float = 0.15, replace_with_mask: float = 0.8,
+                 replace_with_random: float = 0.1, sparse_head: bool = True, pair_task: str = "nsp",
+                 short_seq_prob: float = 0.1, dupe_factor: int = 5):
+        super().__init__()
+        from transformers import AutoModelForPreTraining
+
+        if tokenizer.mask_token_id is None:
+            raise ConfigError("objective=mlm_nsp needs a tokenizer with a mask token; use tokenizer.type=wordpiece "
+                              "or a tokenizer.path that defines one")
+        self.model = build_backbone(model_cfg, tokenizer, AutoModelForPreTraining, hardware.attn_implementation)
+        declare_token_types(tokenizer)
+        self.vocab_size = len(tokenizer)
+        self.pair_task = pair_task
+        heads = PRETRAINING_HEADS.get(self.model.config.model_type, ())
+        self.heads = tuple(_module(self.model, path) for path in heads)
+        # The vocabulary projection at masked positions only: same loss, ~mask_prob of the compute.
+        self.sparse_head = sparse_head and len(self.heads) == 2 and all(h is not None for h in self.heads)
+        self.collator = MaskedPairCollator(
+            mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+            special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_prob=mask_prob,
+            replace_with_mask=replace_with_mask, replace_with_random=replace_with_random,
+        )
+
+    def build_collator(self) -> MaskedPairCollator:
+        return self.collator
+
+    def export_model(self):
+        return self.model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        labels = batch["labels"]  # (B, L), IGNORE_INDEX where not masked
+        inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}  # (B, L) each
+        if self.sparse_head:
+            out = self.model.base_model(**inputs)
+            selected = labels != IGNORE_INDEX  # (B, L)
+            mlm_logits = self.heads[0](out.last_hidden_state[selected])  # (N, V): masked positions only
+            labels = labels[selected]  # (N,)
+            pair_logits = self.heads[1](out.pooler_output)  # (B, 2)
+        else:
+            out = self.model(**inputs)
+            mlm_logits = out.prediction_logits  # (B, L, V)
+            pair_logits = out.sop_logits if hasattr(out, "sop_logits") else out.seq_relationship_logits
+        mlm_sum, n_masked, n_correct = token_cross_entropy(mlm_logits, labels, self.vocab_size)
+        pair_sum, n_pairs, metrics = pair_metrics(pair_logits, batch["next_sentence_label"], self.pair_task)
+        loss = mlm_sum / n_masked.clamp(min=1) + pair_sum / n_pairs.clamp(min=1)
+        metrics.update({
+            "loss": (loss.detach() * n_pairs, n_pairs),
+            "mlm_loss": (mlm_sum.detach(), n_masked),
+            "masked_acc": (n_correct, n_masked),
+        })
+        return ObjectiveOutput(loss=loss, metrics=metrics, num_tokens=batch["attention_mask"].sum())
