@@ -41,6 +41,13 @@ class MLMCollator:
         return {"input_ids": masked, "labels": labels}
 
 
+def check_replacement_shares(objective_cfg) -> None:
+    """The [MASK] and random-token shares of the selected tokens may not exceed 1 together."""
+    total = objective_cfg.replace_with_mask + objective_cfg.replace_with_random
+    if total > 1.0 + 1e-9:
+        raise ConfigError(f"objective.replace_with_mask + objective.replace_with_random = {total:g} exceeds 1")
+
+
 class MaskedLM(Objective):
     attention = "bidirectional"
     reports_perplexity = True
@@ -55,11 +62,7 @@ class MaskedLM(Objective):
     @classmethod
     def check_params(cls, objective_cfg) -> None:
         super().check_params(objective_cfg)
-        total = objective_cfg.replace_with_mask + objective_cfg.replace_with_random
-        if total > 1.0 + 1e-9:
-            raise ConfigError(
-                f"objective.replace_with_mask + objective.replace_with_random = {total:g} exceeds 1"
-            )
+        check_replacement_shares(objective_cfg)
 
     def __init__(self, *, model_cfg, tokenizer, hardware, mask_prob: float = 0.15,
                  replace_with_mask: float = 0.8, replace_with_random: float = 0.1, sparse_head: bool = True):
