@@ -75,7 +75,7 @@ class Objective(torch.nn.Module):
             )
         if cls.attention and cfg.model.attention != cls.attention:
             raise ConfigError(
-                f"objective {name} needs a {cls.attention} model but model={cfg.model.name} is "
+                f"objective {name} needs {_a(cls.attention)} model but model={cfg.model.name} is "
                 f"{cfg.model.attention}; pick one of: {', '.join(compatible_models(cls.attention, cls.modality))}"
             )
 
