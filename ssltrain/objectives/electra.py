@@ -136,9 +136,9 @@ class ELECTRA(Objective):
 
         from ssltrain.models import build_backbone
 
-        if tokenizer.mask_token_id is None:
-            raise ConfigError("objective=electra needs a tokenizer with a mask token; use tokenizer.type=wordpiece "
-                              "or a tokenizer.path that defines one")
+        masking = MLMCollator.from_tokenizer(
+            tokenizer, "electra", mask_prob=mask_prob, replace_with_mask=replace_with_mask,
+            replace_with_random=replace_with_random)
         self.discriminator = build_backbone(model_cfg, tokenizer, AutoModelForPreTraining, hardware.attn_implementation)
         gen_config = generator_config(self.discriminator.config, generator_size)
         self.generator = AutoModelForMaskedLM.from_config(gen_config, attn_implementation=hardware.attn_implementation)
@@ -149,11 +149,7 @@ class ELECTRA(Objective):
         self.vocab_size = len(tokenizer)
         self.pad_token_id = tokenizer.pad_token_id
         self.discriminator_weight = discriminator_weight
-        self.collator = ElectraCollator(MLMCollator(
-            mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-            special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_prob=mask_prob,
-            replace_with_mask=replace_with_mask, replace_with_random=replace_with_random,
-        ))
+        self.collator = ElectraCollator(masking)
 
     def build_collator(self) -> ElectraCollator:
         return self.collator

@@ -30,14 +30,31 @@ class MLMCollator:
     replace_with_mask: float
     replace_with_random: float
 
-    def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        input_ids = torch.as_tensor(np.asarray(columns["input_ids"]), dtype=torch.long)
+    @classmethod
+    def from_tokenizer(cls, tokenizer, objective: str, *, mask_prob: float, replace_with_mask: float,
+                       replace_with_random: float):
+        """A collator with the tokenizer's [MASK] and special ids; a one-line error without a mask token."""
+        if tokenizer.mask_token_id is None:
+            raise ConfigError(f"objective={objective} needs a tokenizer with a mask token; use "
+                              f"tokenizer.type=wordpiece or a tokenizer.path that defines one")
+        return cls(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                   special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_prob=mask_prob,
+                   replace_with_mask=replace_with_mask, replace_with_random=replace_with_random)
+
+    def mask(self, input_ids: torch.Tensor, generator: torch.Generator, never: torch.Tensor | None = None):
+        """BERT masking of (B, T) ids; special tokens (and `never` positions) are never selected."""
         special = torch.isin(input_ids, torch.tensor(self.special_ids, dtype=torch.long))
-        masked, labels = mask_tokens(
+        if never is not None:
+            special |= never
+        return mask_tokens(
             input_ids, special, mask_prob=self.mask_prob, replace_with_mask=self.replace_with_mask,
             replace_with_random=self.replace_with_random, mask_token_id=self.mask_token_id,
             vocab_size=self.vocab_size, generator=generator,
         )
+
+    def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        input_ids = torch.as_tensor(np.asarray(columns["input_ids"]), dtype=torch.long)
+        masked, labels = self.mask(input_ids, generator)
         return {"input_ids": masked, "labels": labels}
 
 
@@ -69,19 +86,14 @@ class MaskedLM(Objective):
         super().__init__()
         from transformers import AutoModelForMaskedLM
 
-        if tokenizer.mask_token_id is None:
-            raise ConfigError("objective=mlm needs a tokenizer with a mask token; use tokenizer.type=wordpiece "
-                              "or a tokenizer.path that defines one")
+        self.collator = MLMCollator.from_tokenizer(
+            tokenizer, "mlm", mask_prob=mask_prob, replace_with_mask=replace_with_mask,
+            replace_with_random=replace_with_random)
         self.model = build_backbone(model_cfg, tokenizer, AutoModelForMaskedLM, hardware.attn_implementation)
         self.vocab_size = len(tokenizer)
         # The vocabulary projection dominates a small model's FLOPs; at masked positions only it
         # costs ~mask_prob of the dense one for the same loss.
         self.sparse_head = sparse_head and masked_lm_head(self.model) is not None
-        self.collator = MLMCollator(
-            mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-            special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_prob=mask_prob,
-            replace_with_mask=replace_with_mask, replace_with_random=replace_with_random,
-        )
 
     def build_collator(self) -> MLMCollator:
         return self.collator

@@ -19,7 +19,8 @@ from ssltrain.config import PROBABILITY, Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import ObjectiveOutput
-from ssltrain.objectives.functional import IGNORE_INDEX, mask_tokens, token_cross_entropy
+from ssltrain.objectives.functional import IGNORE_INDEX, token_cross_entropy
+from ssltrain.objectives.mlm import MLMCollator
 from ssltrain.objectives.nsp import (
     PAIR_PARAMS,
     SentencePairObjective,
@@ -48,25 +49,14 @@ def _module(model, path: str):
 
 
 @dataclass
-class MaskedPairCollator:
+class MaskedPairCollator(MLMCollator):
     """Sentence pairs -> padded tensors + BERT masking ("labels": original ids at masked positions)."""
-
-    mask_token_id: int
-    vocab_size: int  # real tokenizer size: random replacements never hit vocabulary padding
-    special_ids: tuple[int, ...]  # never masked: [CLS], [SEP], [PAD], ...
-    mask_prob: float
-    replace_with_mask: float
-    replace_with_random: float
 
     def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = pair_columns(columns)
-        special = torch.isin(batch["input_ids"], torch.tensor(self.special_ids, dtype=torch.long))
-        special |= batch["attention_mask"] == 0  # padding is never a prediction target
-        batch["input_ids"], batch["labels"] = mask_tokens(
-            batch["input_ids"], special, mask_prob=self.mask_prob, replace_with_mask=self.replace_with_mask,
-            replace_with_random=self.replace_with_random, mask_token_id=self.mask_token_id,
-            vocab_size=self.vocab_size, generator=generator,
-        )
+        # Padding is never a prediction target.
+        batch["input_ids"], batch["labels"] = self.mask(batch["input_ids"], generator,
+                                                        never=batch["attention_mask"] == 0)
         return batch
 
 
@@ -101,9 +91,9 @@ class MaskedLMWithNSP(SentencePairObjective):
         super().__init__()
         from transformers import AutoModelForPreTraining
 
-        if tokenizer.mask_token_id is None:
-            raise ConfigError("objective=mlm_nsp needs a tokenizer with a mask token; use tokenizer.type=wordpiece "
-                              "or a tokenizer.path that defines one")
+        self.collator = MaskedPairCollator.from_tokenizer(
+            tokenizer, "mlm_nsp", mask_prob=mask_prob, replace_with_mask=replace_with_mask,
+            replace_with_random=replace_with_random)
         self.model = build_backbone(model_cfg, tokenizer, AutoModelForPreTraining, hardware.attn_implementation)
         declare_token_types(tokenizer)
         self.vocab_size = len(tokenizer)
@@ -112,11 +102,6 @@ class MaskedLMWithNSP(SentencePairObjective):
         self.heads = tuple(_module(self.model, path) for path in heads)
         # The vocabulary projection at masked positions only: same loss, ~mask_prob of the compute.
         self.sparse_head = sparse_head and len(self.heads) == 2 and all(h is not None for h in self.heads)
-        self.collator = MaskedPairCollator(
-            mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-            special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_prob=mask_prob,
-            replace_with_mask=replace_with_mask, replace_with_random=replace_with_random,
-        )
 
     def build_collator(self) -> MaskedPairCollator:
         return self.collator
