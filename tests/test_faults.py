@@ -118,3 +118,46 @@ def test_resuming_with_a_different_config_is_refused_naming_the_keys(compose, tm
         train(changed, tmp_path / "run")
     # Longer training with otherwise equal settings is a legitimate resume.
     assert train(compose([*RUN, "trainer.max_steps=4"]), tmp_path / "run")["step"] == 4
+
+
+@pytest.mark.parametrize("kill_seed", [1, 2])
+def test_kill_9_at_a_random_step_then_resume_reproduces_the_uninterrupted_run(run_cli, cache_dir, tmp_path,
+                                                                               kill_seed):
+    """SIGKILL gives no chance to save: the run resumes from its last periodic checkpoint (any
+    half-written one is ignored), and every later loss and the final weights are unchanged."""
+    import os
+    import random
+
+    from ssltrain.checkpoint import load_weights
+
+    run = [*RUN, "trainer.checkpoint_every=3", "trainer.keep_checkpoints=10"]
+    reference = run_cli(*run, f"hydra.run.dir={tmp_path / 'ref'}")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    kill_after = random.Random(kill_seed).randint(4, 14)  # train records seen before the kill
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "ssltrain", *run, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text().count('"kind": "train"') >= kill_after:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "final").exists()
+
+    resumed = run_cli(*run, f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = read_metrics(run_dir)
+    resume_at = max(i for i, r in enumerate(records) if r["kind"] == "resume")
+    after = {r["step"]: r["loss"] for r in records[resume_at:] if r["kind"] == "train"}
+    expected = train_losses(tmp_path / "ref")
+    assert after and max(after) == 16
+    assert all(after[s] == expected[s] for s in after), "resumed losses must equal the uninterrupted run's"
+    final_ref = load_weights(tmp_path / "ref" / "checkpoints" / "step-00000016" / "model.safetensors")
+    final_res = load_weights(run_dir / "checkpoints" / "step-00000016" / "model.safetensors")
+    assert all(torch.equal(final_ref[k], final_res[k]) for k in final_ref)
