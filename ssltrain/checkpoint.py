@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ssltrain.errors import UserError
 
 PREFIX = "step-"
+EXIT_CHECKPOINT_WRITE = 4  # exit code when a checkpoint cannot be written (disk full, ...)
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
 
@@ -117,23 +118,34 @@ def save_checkpoint(root: Path, step: int, accelerator, objective, optimizer, sc
         tmp.mkdir()
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(objective)  # collective under FSDP
-    torch.save(capture_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_weights(state_dict, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    try:
+        torch.save(capture_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_weights(state_dict, tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "config.yaml").write_text(config_yaml)
+            state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            _fsync_tree(tmp)
+    except OSError as err:  # disk full, quota, permissions: keep what was there, say so
+        shutil.rmtree(tmp, ignore_errors=True)
+        from ssltrain.faults import RunStopped
+
+        previous = latest_checkpoint(root)
+        raise RunStopped(f"could not write checkpoint {final}: {err.strerror or err}; nothing partial was left and "
+                         f"the last complete checkpoint is {previous or 'none'}", EXIT_CHECKPOINT_WRITE) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
-            shutil.rmtree(final)
+        replaced = root / f".old-{checkpoint_name(step)}"
+        if final.exists():  # re-saving the same step (e.g. the end of a resumed run): swap, then delete
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
         os.rename(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(replaced, ignore_errors=True)
         prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
     return final

@@ -46,6 +46,21 @@ def job_overrides(overrides: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def check_output_dirs(overrides: list[str], multirun: bool) -> None:
+    """The run (or sweep) directory must be creatable: its nearest existing ancestor has to be a
+    writable directory. Checked before Hydra tries, which would fail with a traceback."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith(f"{key}=")]
+    target = Path(os.path.expanduser(given[-1].split("${")[0])) if given else Path.cwd() / "outputs"
+    ancestor = target if target.is_absolute() else Path.cwd() / target
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{key}={given[-1] if given else target} cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={given[-1] if given else target} cannot be created: {ancestor} is not writable")
+
+
 def preflight(argv: list[str]) -> None:
     """Compose and validate each job of this command line; raise UserError on the first bad one."""
     from hydra import compose, initialize_config_dir
@@ -61,6 +76,7 @@ def preflight(argv: list[str]) -> None:
         raise UserError(f"cannot parse the command line {' '.join(argv)!r}; see ssltrain --help") from None
     if any(getattr(args, flag, None) for flag in _INFO_FLAGS):
         return
+    check_output_dirs(args.overrides, multirun=args.multirun)
     # Hydra's own keys (hydra.run.dir=...) are Hydra's to check; ours are everything else.
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     conf_dir = os.path.abspath(args.config_dir) if args.config_dir else str(config_dir())

@@ -56,6 +56,15 @@ CASES = {
     # Combinations.
     "objective-model-mismatch": Case(["objective=ar", "model=bert-base"], ["bert-base", "gpt2"]),
     "bad-sweep-value": Case(["-m", "model=bert-tiny,bert-huge"], ["bert-huge", "bert-tiny"]),
+    "negative-micro-batch": Case(["trainer.micro_batch_size=-4"], ["trainer.micro_batch_size=-4", ">= 1"]),
+    "unknown-scheduler": Case(["optimizer.scheduler=warmup_magic"], ["warmup_magic", "cosine", "linear"]),
+    "image-objective-on-text": Case(["objective=simclr", "data=docs"], ["docs", "digits"]),
+    # Paths to resume from or start from.
+    "resume-path-missing": Case(["trainer.resume={tmp}/nope"], ["trainer.resume", "{tmp}/nope", "auto"]),
+    "resume-path-not-a-checkpoint": Case(["trainer.resume={tmp}/notckpt", *TINY],
+                                         ["{tmp}/notckpt", "not a complete checkpoint", "model.safetensors"],
+                                         files={"notckpt/readme.txt": b"not a checkpoint"}),
+    "pretrained-missing": Case(["model.pretrained={tmp}/nomodel"], ["model.pretrained", "{tmp}/nomodel"]),
     # No GPU visible (forced, so the case holds on GPU machines too).
     "gpu-without-gpu": Case(["hardware=gpu"], ["hardware.device=cuda", "hardware=cpu"],
                             env={"CUDA_VISIBLE_DEVICES": ""}),
@@ -70,6 +79,7 @@ def _no_traceback(proc) -> None:
 def test_user_error_is_one_line_and_leaves_nothing(name, run_cli, tmp_path):
     case = CASES[name]
     for file, content in case.files.items():
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / file).write_bytes(content)
     before = set(tmp_path.iterdir())
     args = [a.replace("{tmp}", str(tmp_path)) for a in case.args]
@@ -117,3 +127,13 @@ def test_cfg_job_prints_config_without_a_run(run_cli, tmp_path):
     assert cfg["trainer"]["max_steps"] == 7
     assert "hydra" not in cfg
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_directory_that_cannot_be_created_is_a_one_line_error(run_cli, tmp_path):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    proc = run_cli(f"hydra.run.dir={tmp_path}/afile/run", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    _no_traceback(proc)
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("ssltrain: error: hydra.run.dir=") and "is not a directory" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
