@@ -119,7 +119,7 @@ def main() -> None:
     validate_config(cfg)
     accelerator = build_accelerator(cfg.hardware)
     tokenizer, examples = prepare_data(cfg, accelerator, objective_class(cfg.objective))
-    objective = build_objective(cfg, tokenizer)
+    objective = build_objective(cfg, tokenizer, examples)
     optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.trainer.max_steps)
     objective, optimizer = accelerator.prepare(objective, optimizer)

@@ -112,6 +112,7 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "data.min_doc_chars": NON_NEGATIVE,
     "data.max_docs": Spec(int, low=1, nullable=True),
     "data.num_proc": Spec(int, low=1, nullable=True),
+    "data.label_fraction": Spec(float, low=0.0, high=1.0, low_open=True),  # labelled groups: share of train labels
 }
 
 
@@ -124,8 +125,8 @@ def select(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key} is required: pass it on the command line as {key}=...") from None
 
 
-# Keys only the text data groups have (image groups have none): checked when present.
-OPTIONAL_KEYS = frozenset({"data.min_doc_chars", "data.max_docs", "data.num_proc"})
+# Keys only some data groups have (unlabelled text: no label_fraction; images: no min_doc_chars): checked when present.
+OPTIONAL_KEYS = frozenset({"data.min_doc_chars", "data.max_docs", "data.num_proc", "data.label_fraction"})
 _ABSENT = object()
 
 
@@ -171,7 +172,7 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
 
     cls = objective_class(cfg.objective)
     cls.check_compatible(cfg)
-    if cls.modality == "text" and cfg.tokenizer.type is None and not cfg.tokenizer.path:  # null: image models only
+    if cfg.data.modality == "text" and cfg.tokenizer.type is None and not cfg.tokenizer.path:  # null: image models only
         raise ConfigError("tokenizer.type is null; expected wordpiece or bpe (or a tokenizer.path)")
     cls.check_params(cfg.objective)
     # The model config is cheap to build and catches unknown model types and bad shapes.

@@ -60,18 +60,22 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementation: str = "sdpa"):
+def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementation: str = "sdpa",
+                   config_overrides: dict | None = None):
     """A randomly initialised model from `model_cfg`, or the weights at `model.pretrained`.
 
     auto_class: the transformers Auto* class whose head the objective needs, e.g.
     AutoModelForMaskedLM or AutoModelForCausalLM. tokenizer: None for image models.
+    config_overrides: config attributes the objective sets either way, e.g. a task head's
+    id2label / label2id (which give num_labels).
     """
     # Attention-free models (model.attention: none, e.g. ResNet) reject an attention kernel choice.
     attn = {} if model_cfg.attention == "none" else {"attn_implementation": attn_implementation}
+    overrides = dict(config_overrides or {})
     if model_cfg.pretrained:
         path = os.path.expanduser(model_cfg.pretrained)
         try:
-            model = auto_class.from_pretrained(path, **attn)
+            model = auto_class.from_pretrained(path, **attn, **overrides)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.pretrained={path!r} cannot be loaded as {auto_class.__name__}: "
                               f"{_first_line(err)}") from None
@@ -86,6 +90,8 @@ def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementa
         return model
     config = build_model_config(model_cfg, vocab_size=len(tokenizer) if tokenizer is not None else None,
                                 tokenizer=tokenizer)
+    for name, value in overrides.items():
+        setattr(config, name, value)
     try:
         return auto_class.from_config(config, **attn)
     except ValueError as err:

@@ -7,12 +7,21 @@ from omegaconf import DictConfig
 
 
 def build_optimizer(model: torch.nn.Module, opt_cfg: DictConfig, fused: bool = False) -> torch.optim.AdamW:
-    """Weight decay on >=2-D weights (linear, embedding); none on biases and norm scales."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": opt_cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """Weight decay on >=2-D weights (linear, embedding); none on biases and norm scales.
+
+    The parameters come from model.param_groups() when the model has one (every Objective: default all
+    trainable parameters; fine-tuning: head and backbone layer groups), each group at optimizer.lr x its
+    "lr_scale"; otherwise every trainable parameter at optimizer.lr."""
+    if hasattr(model, "param_groups"):
+        specs = model.param_groups()
+    else:
+        specs = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = []
+    for spec in specs:
+        params = list(spec["params"])
+        settings = {"lr": opt_cfg.lr * spec.get("lr_scale", 1.0), **({"name": spec["name"]} if "name" in spec else {})}
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": opt_cfg.weight_decay, **settings},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **settings}]
     extra = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps, **extra)
 

@@ -76,7 +76,7 @@ def prepare_data(cfg: DictConfig, accelerator, objective_cls):
     with accelerator.main_process_first():
         corpus, corpus_key = load_corpus(cfg.data, cfg.cache_dir)
         tokenizer = None
-        if objective_cls.modality == "text":
+        if cfg.data.modality == "text":  # the objective's check_compatible has accepted this modality
             tokenizer = build_tokenizer(cfg, corpus, corpus_key)
             tokenizer.model_max_length = cfg.trainer.seq_len
         examples = objective_cls.build_examples(corpus, tokenizer, cfg, corpus_key)
@@ -113,12 +113,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     tokenizer, examples = prepare_data(cfg, accelerator, objective_class(cfg.objective))
-    objective = build_objective(cfg, tokenizer)
+    objective = build_objective(cfg, tokenizer, examples)
     optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, t.max_steps)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     torch.manual_seed(derived_seed(cfg.seed, rank))  # per-rank dropout streams
-    reports_ppl = type(accelerator.unwrap_model(objective)).reports_perplexity
+    hooks = accelerator.unwrap_model(objective)  # on_step / derived_metrics: the Objective's own methods
+    reports_ppl = type(hooks).reports_perplexity
 
     tracker = RunTracker(run_dir, t.max_steps, enabled=main)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -144,8 +145,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                                 world_size=world, shuffle=True)
 
         def run_eval() -> dict:
-            return evaluate(objective, val_examples, collator, micro_batch_size=t.micro_batch_size,
-                            max_batches=t.eval_batches, seed=cfg.seed, accelerator=accelerator)
+            values = evaluate(objective, val_examples, collator, micro_batch_size=t.micro_batch_size,
+                              max_batches=t.eval_batches, seed=cfg.seed, accelerator=accelerator)
+            return hooks.derived_metrics(values)
 
         # Tokens this rank processed since start-up, kept on the device so counting never syncs.
         local_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -178,6 +180,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         objective.train()
         with StopSignals() as stop:
             while step < t.max_steps:
+                hooks.on_step(step, t.max_steps)
                 for micro in range(accum):
                     batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
                     sync = accelerator.no_sync(objective) if micro < accum - 1 else contextlib.nullcontext()
@@ -210,7 +213,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 step += 1
 
                 if step % t.log_every == 0 or step == t.max_steps:
-                    values = reduce_metrics(window, accelerator, reports_ppl)
+                    values = hooks.derived_metrics(reduce_metrics(window, accelerator, reports_ppl))
                     seen = total_tokens()
                     elapsed = time.perf_counter() - window_start
                     values.update(lr=lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9),

@@ -71,3 +71,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def config_error(compose, overrides: list[str]) -> str:
+    """The one-line ConfigError message validate_config gives for the composed overrides."""
+    from ssltrain.config import validate_config
+    from ssltrain.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose(overrides))
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message

@@ -49,6 +49,16 @@ def test_every_config_composes_and_every_key_is_commented(compose, group, option
             assert "#" in line, f"{group}/{option}.yaml: uncommented key: {line!r}"
 
 
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_composes_and_every_key_is_commented(compose, name):
+    """Named recipes (`ssltrain +experiment=<name>`, `# @package _global_`) validate as shipped."""
+    validate_config(compose([f"+experiment={name}"]))
+    for line in (CONF / "experiment" / f"{name}.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "-")) and ":" in stripped and not stripped.endswith(":"):
+            assert "#" in line, f"experiment/{name}.yaml: uncommented key: {line!r}"
+
+
 def test_default_is_tiny_bert_mlm_on_embedded_docs_on_cpu(compose):
     cfg = compose()
     assert (cfg.model.name, cfg.data.source, cfg.hardware.device) == ("bert-tiny", "docs", "cpu")

@@ -6,6 +6,7 @@ Sources (data.source):
                topic or module, split into train/validation by a stable hash of its title.
   text_files   local .txt / .json(l) / .csv / .parquet files through `datasets.load_dataset`.
   hf_dataset   any `datasets.load_dataset` name (needs network or a populated HF cache).
+  docs_topics  a labelled task from the docs (ssltrain/data/labelled.py), for fine-tuning.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 from ssltrain.config import select
 from ssltrain.data.cache import cached_dir, fingerprint
 from ssltrain.data.images import IMAGE_SOURCES
+from ssltrain.data.labelled import LABELLED_SOURCES
 from ssltrain.errors import ConfigError, DataError
 
 DOCS_CORPUS_VERSION = 1  # bump when the extraction below changes, to invalidate caches
@@ -264,6 +266,7 @@ class HFDatasetCorpus:
 
 
 CORPUS_SOURCES = {"docs": DocsCorpus, "text_files": TextFilesCorpus, "hf_dataset": HFDatasetCorpus,
+                  **LABELLED_SOURCES,  # labelled text tasks: ssltrain/data/labelled.py
                   **IMAGE_SOURCES}  # images: ssltrain/data/images.py
 
 

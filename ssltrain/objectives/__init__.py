@@ -26,6 +26,10 @@ def objective_class(objective_cfg: DictConfig) -> type[Objective]:
     return cls
 
 
-def build_objective(cfg: DictConfig, tokenizer) -> Objective:
+def build_objective(cfg: DictConfig, tokenizer, examples=None) -> Objective:
+    """The configured objective; `examples` (build_examples' DatasetDict) supplies what the class reads
+    from the data (Objective.params_from_examples, e.g. label names)."""
     cls = objective_class(cfg.objective)
-    return cls(model_cfg=cfg.model, tokenizer=tokenizer, hardware=cfg.hardware, **params_of(cfg.objective))
+    from_examples = cls.params_from_examples(examples) if examples is not None else {}
+    return cls(model_cfg=cfg.model, tokenizer=tokenizer, hardware=cfg.hardware, **from_examples,
+               **params_of(cfg.objective))

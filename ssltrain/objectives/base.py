@@ -33,7 +33,8 @@ class ObjectiveOutput(ModelOutput):
 
 
 class Objective(torch.nn.Module):
-    #: "text" | "image": which data groups fit.
+    #: "text" | "image": which data groups fit; "any" when the objective checks data and model itself
+    #: (check_compatible) and follows data.modality (e.g. classification of texts or images).
     modality: ClassVar[str] = "text"
     #: backbone attention the task needs ("bidirectional" | "causal"), or None for any.
     attention: ClassVar[str | None] = None
@@ -93,9 +94,32 @@ class Objective(torch.nn.Module):
         return build_blocks(corpus, tokenizer, cfg.trainer.seq_len, cfg.cache_dir, corpus_key,
                             num_proc=cfg.data.get("num_proc"))
 
+    @classmethod
+    def params_from_examples(cls, examples) -> dict[str, Any]:
+        """Constructor keyword arguments read from the built examples (build_examples' DatasetDict),
+        e.g. a classification task's label names. Default: none."""
+        return {}
+
     def build_collator(self):
         """A picklable callable (columns: dict of numpy arrays, generator) -> batch of tensors."""
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: [{"params": [...], "lr_scale": float (x optimizer.lr, default 1),
+        "name": str (optional)}]; build_optimizer splits each into weight-decay / no-decay groups.
+        A parameter frozen now but unfrozen later by on_step must be listed (AdamW skips parameters
+        without a gradient). Default: one group of every trainable parameter."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def on_step(self, step: int, max_steps: int) -> None:
+        """Called by the loop before the forward passes of optimizer step `step` (0-based, also after a
+        resume), e.g. to unfreeze layers on a schedule. Must depend on (step, max_steps) only, so a
+        resumed run is in the same state. Default: nothing."""
+
+    def derived_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from the reduced means (train windows and evaluations) that are not
+        themselves means of sums, e.g. macro-F1 = the mean of per-class F1 values. Default: unchanged."""
+        return values
 
     def export_model(self):
         """The transformers PreTrainedModel written to <run>/final with save_pretrained."""
