@@ -113,6 +113,10 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "data.max_docs": Spec(int, low=1, nullable=True),
     "data.num_proc": Spec(int, low=1, nullable=True),
     "data.label_fraction": Spec(float, low=0.0, high=1.0, low_open=True),  # labelled groups: share of train labels
+    "data.streaming": Spec(bool),  # text_files / hf_dataset: read with datasets streaming (ssltrain/data/streaming.py)
+    "data.shuffle_buffer": POSITIVE,
+    "data.validation_docs": POSITIVE,
+    "data.tokenizer_docs": POSITIVE,
 }
 
 
@@ -126,7 +130,8 @@ def select(cfg: DictConfig, key: str) -> Any:
 
 
 # Keys only some data groups have (unlabelled text: no label_fraction; images: no min_doc_chars): checked when present.
-OPTIONAL_KEYS = frozenset({"data.min_doc_chars", "data.max_docs", "data.num_proc", "data.label_fraction"})
+OPTIONAL_KEYS = frozenset({"data.min_doc_chars", "data.max_docs", "data.num_proc", "data.label_fraction",
+                           "data.streaming", "data.shuffle_buffer", "data.validation_docs", "data.tokenizer_docs"})
 _ABSENT = object()
 
 
@@ -172,6 +177,10 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
 
     cls = objective_class(cfg.objective)
     cls.check_compatible(cfg)
+    if OmegaConf.select(cfg, "data.streaming", default=False):
+        from ssltrain.data.streaming import check_streaming
+
+        check_streaming(cfg, cls)
     if cfg.data.modality == "text" and cfg.tokenizer.type is None and not cfg.tokenizer.path:  # null: image models only
         raise ConfigError("tokenizer.type is null; expected wordpiece or bpe (or a tokenizer.path)")
     cls.check_params(cfg.objective)

@@ -20,7 +20,8 @@ from ssltrain.checkpoint import (
 )
 from ssltrain.config import validate_config, world_size_from_env
 from ssltrain.data.corpus import load_corpus
-from ssltrain.data.loader import BatchDataset, DataPosition, derived_seed, train_batches
+from ssltrain.data.loader import DataPosition, build_train_data, derived_seed
+from ssltrain.data.streaming import is_streaming, prepare_streaming
 from ssltrain.data.tokenizer import build_tokenizer
 from ssltrain.errors import ConfigError, DataError, UserError
 from ssltrain.evaluation.heldout import accumulate, evaluate, reduce_metrics
@@ -73,6 +74,8 @@ def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
 def prepare_data(cfg: DictConfig, accelerator, objective_cls):
     """Corpus -> tokenizer (text objectives) -> the objective's training examples. The main
     process builds the caches first; the others then read them."""
+    if is_streaming(cfg.data):
+        return prepare_streaming(cfg, accelerator)
     with accelerator.main_process_first():
         corpus, corpus_key = load_corpus(cfg.data, cfg.cache_dir)
         tokenizer = None
@@ -133,16 +136,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if resume_from is not None:
             state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler, cfg)
             step, tokens_seen = state["step"], state["tokens_seen"]
-            position = DataPosition(state["epoch"], state["batch"])
+            position = DataPosition.from_state(state, rank)
             tracker.record("resume", step, {"from": str(resume_from), "epoch": position.epoch, "batch": position.batch})
 
         collator = accelerator.unwrap_model(objective).build_collator()
-        train_examples = examples["train"].with_format("numpy")
+        train_data = build_train_data(examples["train"], collator, t.micro_batch_size, seed=cfg.seed, rank=rank,
+                                      world_size=world)
         val_examples = examples["validation"].with_format("numpy")
-
-        def make_dataset(epoch: int) -> BatchDataset:
-            return BatchDataset(train_examples, collator, t.micro_batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
-                                world_size=world, shuffle=True)
 
         def run_eval() -> dict:
             values = evaluate(objective, val_examples, collator, micro_batch_size=t.micro_batch_size,
@@ -157,22 +157,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
         def checkpoint() -> None:
             save_checkpoint(checkpoint_root, step, accelerator, objective, optimizer, scheduler,
-                            {"epoch": position.epoch, "batch": position.batch, "tokens_seen": total_tokens()},
+                            {**position.to_state(gather_object), "tokens_seen": total_tokens()},
                             config_yaml, t.keep_checkpoints)
 
         from accelerate.utils import gather_object
 
-        first_examples = gather_object([make_dataset(position.epoch).indices(position.batch)[:4]])
+        first_examples = gather_object([train_data.first_examples(position, 4)])
         n_params = sum(p.numel() for p in accelerator.unwrap_model(objective).parameters())
         tracker.record("start", step, {
-            "world_size": world, "grad_accum": accum, "params": n_params, "train_examples": len(train_examples),
+            "world_size": world, "grad_accum": accum, "params": n_params, "train_examples": train_data.num_examples,
             "validation_examples": len(val_examples),
             "vocab": len(tokenizer) if tokenizer is not None else None, "rank_first_examples": first_examples,
         })
         if step == 0:
             tracker.record("eval", 0, run_eval())
 
-        batches = train_batches(make_dataset, position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
+        batches = train_data.batches(position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
         window: dict[str, list[torch.Tensor]] = {}
         window_start, window_tokens = time.perf_counter(), total_tokens()
         guard = NonFiniteGuard(t.max_nonfinite_in_row)

@@ -56,10 +56,28 @@ class BatchDataset(torch.utils.data.Dataset):
 
 @dataclass
 class DataPosition:
-    """Where the next training micro-batch comes from; saved in every checkpoint."""
+    """Where the next training micro-batch comes from; saved in every checkpoint. With streaming
+    data (ssltrain/data/streaming.py) each rank has its own place in its own stream: `stream`."""
 
     epoch: int = 0
     batch: int = 0
+    stream: dict | None = None
+
+    def to_state(self, gather: Callable[[list], list]) -> dict:
+        """The checkpoint's data fields; when streaming, every rank's stream state (gather: a
+        collective such as accelerate's gather_object)."""
+        state = {"epoch": self.epoch, "batch": self.batch}
+        if self.stream is not None:
+            state["streams"] = gather([self.stream])
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, rank: int) -> DataPosition:
+        """This rank's position from a checkpoint's trainer_state."""
+        if state.get("streams"):
+            stream = state["streams"][rank]
+            return cls(stream["epoch"], stream["batch"], stream)
+        return cls(state["epoch"], state["batch"])
 
 
 def make_loader(dataset: BatchDataset, start: int, num_workers: int, pin_memory: bool):
@@ -84,3 +102,34 @@ def train_batches(make_dataset: Callable[[int], BatchDataset], position: DataPos
             yield batch
         position.epoch += 1
         position.batch = 0
+
+
+class IndexedTrainData:
+    """Training micro-batches from a map-style datasets.Dataset: one BatchDataset per epoch.
+    (A stream, data.streaming=true, gives streaming.StreamingTrainData with the same methods.)"""
+
+    def __init__(self, examples, collator: Callable, micro_batch_size: int, *, seed: int, rank: int,
+                 world_size: int):
+        self.examples = examples.with_format("numpy")
+        self.collator, self.micro_batch_size = collator, micro_batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_examples = len(examples)
+
+    def dataset(self, epoch: int) -> BatchDataset:
+        return BatchDataset(self.examples, self.collator, self.micro_batch_size, seed=self.seed, epoch=epoch,
+                            rank=self.rank, world_size=self.world_size, shuffle=True)
+
+    def first_examples(self, position: DataPosition, n: int) -> list[int]:
+        """Indices of the next n examples this rank trains on."""
+        return self.dataset(position.epoch).indices(position.batch)[:n]
+
+    def batches(self, position: DataPosition, num_workers: int, pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
+        return train_batches(self.dataset, position, num_workers, pin_memory)
+
+
+def build_train_data(examples, collator: Callable, micro_batch_size: int, *, seed: int, rank: int, world_size: int):
+    """The training batches' source: build_examples' "train" split is a datasets.Dataset, or a stream
+    that was built for this rank and brings its own (`train_data`, ssltrain/data/streaming.py)."""
+    if hasattr(examples, "train_data"):
+        return examples.train_data(collator, micro_batch_size, seed=seed)
+    return IndexedTrainData(examples, collator, micro_batch_size, seed=seed, rank=rank, world_size=world_size)
