@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY, read_metrics
 from test_images import IMAGE_TINY, one_thread
 
@@ -141,3 +142,28 @@ def test_compare_builds_the_table_from_real_runs(compose, tmp_path):
     t5_records = read_metrics(sweep / "1_objective=span_corruption")
     assert any(r["kind"] == "downstream" and "bleu" in r for r in t5_records)
     assert (sweep / "0_objective=mlm" / "downstream" / "probe.csv").is_file()
+
+
+def test_text_features_pool_tokens_and_layers_as_documented():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from ssltrain.evaluation.features import text_features
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "a", "b", "c", "d"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=6, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=16, max_position_embeddings=16)).eval()
+    texts = ["a b c d", "b a"]
+    with torch.no_grad():
+        states = [encoder(input_ids=tokenizer(t, return_tensors="pt")["input_ids"], output_hidden_states=True)
+                  for t in texts]  # one text at a time: no padding at all
+    expected = {"mean": [s.last_hidden_state[0].mean(0) for s in states],
+                "cls": [s.last_hidden_state[0, 0] for s in states],
+                "layers-mean": [torch.stack(s.hidden_states)[:, 0].mean((0, 1)) for s in states]}
+    for pooling, want in expected.items():
+        got = text_features(encoder, tokenizer, texts, pooling=pooling)  # batched: "b a" is padded
+        assert np.allclose(got, torch.stack(want).numpy(), atol=1e-5), pooling

@@ -5,8 +5,11 @@ Images: the pooled representation the image objectives train (ImageObjective.rep
 global average pool, a ViT's mean over its final token states), i.e. the encoder output before
 any projection head, which the exports do not contain. Text: the mean of the last hidden states
 over non-padding tokens (pooling="mean", the default: it works for encoders, decoders and T5's
-encoder alike, and an MLM-only model never trains its [CLS]) or the first token's state
-(pooling="cls").
+encoder alike, and an MLM-only model never trains its [CLS]), the first token's state
+(pooling="cls"), or the token mean of every layer's states averaged, the embedding layer's
+included (pooling="layers-mean": the lexical lower layers with the contextual top, as ELMo's
+layer mix and the "first-last average" of sentence-embedding work; the last layer of a small,
+briefly trained MLM is specialised to predicting tokens and carries less of the passage).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from ssltrain.errors import UserError
 
 INITS = ("pretrained", "random-init")
-TEXT_POOLINGS = ("mean", "cls")
+TEXT_POOLINGS = ("mean", "cls", "layers-mean")
 
 
 def load_encoder(model_dir: str | Path, init: str = "pretrained", seed: int = 0):
@@ -81,7 +84,8 @@ def image_features(encoder, pixels: np.ndarray, batch_size: int = 256) -> np.nda
 @torch.no_grad()
 def text_features(encoder, tokenizer, texts: list[str], max_length: int = 128, pooling: str = "mean",
                   batch_size: int = 64) -> np.ndarray:
-    """Texts -> (N, hidden) float32: last hidden states, mean over non-padding tokens or the first token."""
+    """Texts -> (N, hidden) float32: last hidden states (or every layer's, averaged: layers-mean), mean
+    over non-padding tokens, or the first token's last state (cls)."""
     if pooling not in TEXT_POOLINGS:
         raise UserError(f"pooling={pooling!r} is not one of {', '.join(TEXT_POOLINGS)}")
     if tokenizer.pad_token is None:  # GPT-2-style vocabularies: pad with end-of-text (masked out below)
@@ -91,7 +95,9 @@ def text_features(encoder, tokenizer, texts: list[str], max_length: int = 128, p
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
                         max_length=min(max_length, limit), return_tensors="pt", return_token_type_ids=False)
-        hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        states = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                         output_hidden_states=pooling == "layers-mean")
+        hidden = torch.stack(states.hidden_states).mean(0) if pooling == "layers-mean" else states.last_hidden_state
         if pooling == "cls":
             out.append(hidden[:, 0])
         else:

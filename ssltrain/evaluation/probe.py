@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ssltrain.errors import UserError
+from ssltrain.evaluation.features import TEXT_POOLINGS
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 1.0)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -289,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="feature sources: pretrained, random-init, raw-pixels (images), tf-idf (text); "
                              "default: all that fit")
     parser.add_argument("--probes", nargs="+", default=[",".join(PROBES)], help="linear and/or knn")
-    parser.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="text features (default: mean)")
+    parser.add_argument("--pooling", choices=TEXT_POOLINGS, default="mean",
+                        help="text features: token mean of the last layer, first token, or token mean of all layers' "
+                             "average (default: mean)")
     parser.add_argument("--max-length", type=int, default=128, help="text: tokens per passage (default: 128)")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/downstream)")
     parser.add_argument("--no-record", action="store_true", help="do not append to the run's metrics.jsonl/TensorBoard")
