@@ -113,3 +113,27 @@ def test_trained_tokenizers_round_trip_through_save_pretrained(tmp_path):
         assert loaded(sample)["input_ids"] == tok(sample)["input_ids"]
         if kind == "bpe":
             assert loaded.decode(loaded(sample)["input_ids"]) == sample  # byte-level is lossless
+
+
+def test_a_split_smaller_than_one_global_micro_batch_is_repeated_to_fill_it():
+    examples = {"x": np.arange(5)}
+
+    class Rows:  # the two things BatchDataset reads: len() and row selection
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, idx):
+            return {"x": examples["x"][idx]}
+
+    def ranks(epoch):
+        return [BatchDataset(Rows(), lambda cols, g: cols, 4, seed=3, epoch=epoch, rank=r, world_size=2)
+                for r in range(2)]
+
+    for epoch in range(3):
+        datasets = ranks(epoch)
+        assert [len(d) for d in datasets] == [1, 1]
+        slots = [int(v) for d in datasets for v in d[0]["x"]]
+        assert len(slots) == 8 and set(slots) == set(range(5)), slots  # every example, 3 of them twice
+    assert ranks(0)[0].indices(0) != ranks(1)[0].indices(0) or ranks(0)[1].indices(0) != ranks(1)[1].indices(0)
+    big = BatchDataset(Rows(), lambda cols, g: cols, 2, seed=3, epoch=0)  # enough examples: one pass, as before
+    assert len(big) == 2 and len(big.order) == 5

@@ -24,7 +24,8 @@ def derived_seed(*parts: int) -> int:
 
 class BatchDataset(torch.utils.data.Dataset):
     """Micro-batches of one epoch for one rank. Rank r takes global micro-batch slots
-    r, r + world, r + 2*world, ... so ranks see disjoint examples."""
+    r, r + world, r + 2*world, ... so ranks see disjoint examples (unless the split is smaller
+    than one global micro-batch: then its examples are repeated to fill one)."""
 
     def __init__(self, examples, collator: Callable, micro_batch_size: int, *, seed: int, epoch: int,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True):
@@ -37,8 +38,15 @@ class BatchDataset(torch.utils.data.Dataset):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
         else:
             order = torch.arange(n)
+        # Fewer examples than one global micro-batch (e.g. 2% of a small task's labels): the epoch
+        # strings together enough passes over them, each in its own order, to fill one.
+        repeats = -(-micro_batch_size * world_size // n) if 0 < n < micro_batch_size * world_size else 1
+        for k in range(1, repeats):
+            seed_k = derived_seed(seed, epoch, "repeat", k)
+            extra = torch.randperm(n, generator=torch.Generator().manual_seed(seed_k)) if shuffle else torch.arange(n)
+            order = torch.cat([order, extra])
         self.order = order
-        self.num_batches = n // (micro_batch_size * world_size)
+        self.num_batches = len(order) // (micro_batch_size * world_size)
 
     def __len__(self) -> int:
         return self.num_batches
