@@ -9,6 +9,10 @@ saved there), held-out BLEU for span-corruption runs, train wall time and tokens
 random-init encoder of each model shape (and the raw-pixel / TF-IDF baseline) get rows of their
 own. Writes <DIR>/comparison.md and <DIR>/comparison.png (linear-probe accuracy vs label
 fraction, one line per run).
+
+Fine-tuning runs (objective=classify in config.yaml) are not pretraining runs: they go to
+ssltrain/evaluation/curves.py instead, which writes <DIR>/sample_efficiency.{csv,md,png} (held-out
+accuracy vs labelled examples, pretrained vs random-init); a directory may hold both kinds.
 """
 
 from __future__ import annotations
@@ -134,6 +138,14 @@ def compare_runs(dirs, *, fractions=COMPARE_FRACTIONS, seeds=COMPARE_SEEDS, prob
     run_dirs = find_runs(dirs)
     if not run_dirs:
         raise UserError(f"no run directories (metrics.jsonl + config.yaml) under {', '.join(map(str, dirs))}")
+    from ssltrain.evaluation.curves import is_finetune_run, sample_efficiency
+
+    out = Path(out_dir) if out_dir else Path(dirs[0]).expanduser().resolve()
+    finetune = [r for r in run_dirs if is_finetune_run(r)]
+    curves = sample_efficiency(finetune, out, log) if finetune else None
+    run_dirs = [r for r in run_dirs if r not in finetune]
+    if not run_dirs:  # a fine-tuning sweep: its sample-efficiency curves are the comparison
+        return {"runs": [], "md": None, "png": None, "table": None, "sample_efficiency": curves}
     runs = [run_summary(r) for r in run_dirs]
     fractions = sorted(float(f) for f in fractions)
     lines: dict[str, list[dict]] = {}
@@ -172,7 +184,6 @@ def compare_runs(dirs, *, fractions=COMPARE_FRACTIONS, seeds=COMPARE_SEEDS, prob
         table.append([f"*{label}*", "-", "-", "-", "-", "-", "-", "-", task, *_probe_cells(rows, fractions),
                       "-", "-", "-"])
 
-    out = Path(out_dir) if out_dir else Path(dirs[0]).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# Comparison of {len(runs)} runs", "",
           f"Held-out metrics at each run's last evaluation; linear probe: test accuracy mean +- std over seeds "
@@ -187,12 +198,13 @@ def compare_runs(dirs, *, fractions=COMPARE_FRACTIONS, seeds=COMPARE_SEEDS, prob
         from ssltrain.evaluation.plots import plot_comparison
 
         png_path = plot_comparison(lines, out / "comparison.png", title=f"{len(runs)} runs under {out.name}")
-    return {"runs": runs, "md": md_path, "png": png_path, "table": [header, *table]}
+    return {"runs": runs, "md": md_path, "png": png_path, "table": [header, *table], "sample_efficiency": curves}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssltrain-compare", description="Gather run directories (e.g. a sweep's) "
-                                     "into DIR/comparison.md and DIR/comparison.png.")
+                                     "into DIR/comparison.md and DIR/comparison.png; fine-tuning runs "
+                                     "(objective=classify) into DIR/sample_efficiency.{csv,md,png}.")
     parser.add_argument("dirs", nargs="+", help="sweep or run directories (searched recursively)")
     parser.add_argument("--fractions", nargs="+", default=[",".join(map(str, COMPARE_FRACTIONS))],
                         help="label fractions of the linear probe (default: %(default)s)")
@@ -210,8 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"ssltrain-compare: error: {err}", file=sys.stderr)
         return 2
-    print(result["md"].read_text())
-    print(f"wrote {result['md']}" + (f" and {result['png']}" if result["png"] else ""))
+    if result["md"]:
+        print(result["md"].read_text())
+        print(f"wrote {result['md']}" + (f" and {result['png']}" if result["png"] else ""))
+    curves = result["sample_efficiency"]
+    if curves:
+        print(curves["md"].read_text())
+        print(f"wrote {curves['csv']}, {curves['md']}" + (f" and {curves['png']}" if curves["png"] else ""))
     return 0
 
 
