@@ -5,9 +5,20 @@ A checkpoint is a folder `checkpoints/step-00000100/` holding
   optimizer.pt          optimizer state_dict (tensors + plain types; loaded weights_only)
   scheduler.pt          LR scheduler state_dict (and scaler.pt for fp16)
   rng-rank<R>.pt        python / numpy / torch / CUDA RNG states of every rank
-  trainer_state.json    step, data position (epoch, batch), tokens seen, ...
+  trainer_state.json    step, data position (epoch, batch), tokens seen, state_format, ...
   config.yaml           the resolved run config
 It is written under a temporary name, fsynced, then renamed: a folder named step-* is complete.
+
+How model and optimizer state are written depends on the engine (`state_format`):
+  replicated     one process or DDP: rank 0 writes its copy (above)
+  fsdp-full      FSDP, hardware.fsdp.state_dict_type=full: every rank joins a gather, rank 0 writes
+                 the full weights (model.safetensors, as above) and the full optimizer state keyed by
+                 parameter name (optimizer.pt); every rank reads both back and keeps its shard
+  fsdp-sharded   FSDP, state_dict_type=sharded: sharded/ holds each rank's shard of weights and
+                 optimizer state (torch.distributed.checkpoint); nothing is gathered
+  deepspeed      DeepSpeed ZeRO: the engine's own checkpoint in deepspeed/ (every rank's optimizer
+                 partition) plus the full weights in model.safetensors
+A checkpoint resumes under the format that wrote it. The export in final/ is always the full model.
 """
 
 from __future__ import annotations
@@ -28,6 +39,12 @@ from ssltrain.errors import UserError
 PREFIX = "step-"
 EXIT_CHECKPOINT_WRITE = 4  # exit code when a checkpoint cannot be written (disk full, ...)
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+SHARDED_DIR = "sharded"  # fsdp-sharded: torch.distributed.checkpoint folder (complete once .metadata exists)
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+# What else than REQUIRED_FILES each format's checkpoint must hold to be complete.
+FORMAT_FILES = {"replicated": (), "fsdp-full": (), "fsdp-sharded": (f"{SHARDED_DIR}/.metadata",),
+                "deepspeed": (f"{DEEPSPEED_DIR}/latest",)}
+FORMAT_SKIPS = {"fsdp-sharded": ("model.safetensors", "optimizer.pt"), "deepspeed": ("optimizer.pt",)}
 
 
 def checkpoint_name(step: int) -> str:
@@ -88,6 +105,93 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# ---------------------------------------------------------------- engines
+
+def state_format(accelerator) -> str:
+    """How this run's model and optimizer state are gathered and written (see the module docstring)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import StateDictType
+
+        full = accelerator.state.fsdp_plugin.state_dict_type == StateDictType.FULL_STATE_DICT
+        return "fsdp-full" if full else "fsdp-sharded"
+    return "replicated"
+
+
+def full_state_dict(accelerator, objective) -> dict[str, torch.Tensor]:
+    """The objective's whole state dict on rank 0, on CPU. Collective under FSDP (every rank calls
+    it; on GPU ranks > 0 get an empty dict), a plain state_dict otherwise."""
+    if not state_format(accelerator).startswith("fsdp"):
+        return accelerator.get_state_dict(objective)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(objective, options=_gather_options(accelerator))
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps it
+
+
+def _state_dict_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def _gather_options(accelerator):
+    """Full state dicts gathered to rank 0's host memory on GPU. On CPU every rank keeps its gathered
+    copy: offloading CPU-resident FSDP1 parameters "to CPU" is no copy and leaves tensors that alias
+    freed storage (the process segfaults, torch 2.13)."""
+    return _state_dict_options(full_state_dict=True, cpu_offload=accelerator.device.type != "cpu")
+
+
+def _save_sharded(folder: Path, objective, optimizer) -> None:
+    """Collective: each rank writes its shard of weights and optimizer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(objective, _torch_optimizer(optimizer))
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+
+def _load_sharded(folder: Path, objective, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(objective, _torch_optimizer(optimizer))
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))  # fills this rank's shards in place
+    set_state_dict(objective, _torch_optimizer(optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
+def _full_optimizer_state(accelerator, objective, optimizer) -> dict:
+    """FSDP: the whole optimizer state keyed by parameter name, on rank 0 (collective)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(objective, _torch_optimizer(optimizer), options=_gather_options(accelerator))
+
+
+def _load_full(path: Path, objective, optimizer) -> None:
+    """FSDP: every rank reads the full weights and optimizer state and keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    options = _state_dict_options(full_state_dict=True)
+    result = set_model_state_dict(objective, load_weights(path / "model.safetensors"), options=options)
+    _check_keys(path, result.missing_keys, result.unexpected_keys)
+    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(objective, _torch_optimizer(optimizer), optim_state, options=options)
+
+
+def _check_keys(path: Path, missing: list[str], unexpected: list[str]) -> None:
+    if missing or unexpected:
+        names = (missing or unexpected)[:3]
+        raise UserError(f"checkpoint {path} does not match this model (mismatching keys: {', '.join(names)})")
+
+
 # ---------------------------------------------------------------- save / find / load
 
 def _fsync_tree(folder: Path) -> None:
@@ -95,6 +199,8 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_tree(path)
     _fsync_dir(folder)
 
 
@@ -116,20 +222,30 @@ def save_checkpoint(root: Path, step: int, accelerator, objective, optimizer, sc
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(objective)  # collective under FSDP
     try:
+        accelerator.wait_for_everyone()
+        fmt = state_format(accelerator)
+        state_dict = None if fmt == "fsdp-sharded" else full_state_dict(accelerator, objective)  # collective
+        optim_state = _full_optimizer_state(accelerator, objective, optimizer) if fmt == "fsdp-full" else None
         torch.save(capture_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+        if fmt == "fsdp-sharded":
+            _save_sharded(tmp / SHARDED_DIR, objective, optimizer)
+        elif fmt == "deepspeed":  # the engine's own format: each rank's ZeRO optimizer partition
+            objective.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        accelerator.wait_for_everyone()  # every rank's part is written before rank 0 fsyncs the folder
         if accelerator.is_main_process:
-            save_weights(state_dict, tmp / "model.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if state_dict is not None:
+                save_weights(state_dict, tmp / "model.safetensors")
+            if fmt != "deepspeed" and fmt != "fsdp-sharded":
+                torch.save(optimizer.state_dict() if optim_state is None else optim_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
             (tmp / "config.yaml").write_text(config_yaml)
-            state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
+            state = {**trainer_state, "step": step, "world_size": accelerator.num_processes, "state_format": fmt}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             _fsync_tree(tmp)
+        accelerator.wait_for_everyone()  # no rank may fail between here and the rename
     except OSError as err:  # disk full, quota, permissions: keep what was there, say so
         shutil.rmtree(tmp, ignore_errors=True)
         from ssltrain.faults import RunStopped
@@ -137,7 +253,10 @@ def save_checkpoint(root: Path, step: int, accelerator, objective, optimizer, sc
         previous = latest_checkpoint(root)
         raise RunStopped(f"could not write checkpoint {final}: {err.strerror or err}; nothing partial was left and "
                          f"the last complete checkpoint is {previous or 'none'}", EXIT_CHECKPOINT_WRITE) from None
-    accelerator.wait_for_everyone()
+    except BaseException:  # a peer process died (collective error), a second Ctrl-C: leave no temp folder either
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
         replaced = root / f".old-{checkpoint_name(step)}"
         if final.exists():  # re-saving the same step (e.g. the end of a resumed run): swap, then delete
@@ -160,8 +279,18 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def required_files(path: Path) -> list[str]:
+    """The files a complete checkpoint in `path` holds, by the format its trainer_state.json names."""
+    try:
+        fmt = json.loads((path / "trainer_state.json").read_text()).get("state_format", "replicated")
+    except (OSError, ValueError):
+        fmt = "replicated"
+    skipped = FORMAT_SKIPS.get(fmt, ())
+    return [n for n in REQUIRED_FILES if n not in skipped] + list(FORMAT_FILES.get(fmt, ()))
+
+
 def is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in REQUIRED_FILES)
+    return all((path / name).is_file() for name in required_files(path))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -176,6 +305,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 def prune_checkpoints(root: Path, keep: int) -> None:
     for path in list_checkpoints(root)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+    for stale in Path(root).glob(f".tmp-{PREFIX}*"):  # a writer killed outright (SIGKILL) could not remove it
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # Settings a checkpoint's run must share with the run resuming it: they decide the weights'
@@ -219,7 +350,7 @@ def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cf
 
     path = Path(path)
     if not is_complete(path):
-        missing = [n for n in REQUIRED_FILES if not (path / n).is_file()]
+        missing = [n for n in required_files(path) if not (path / n).is_file()]
         raise UserError(f"trainer.resume={str(path)!r} is not a complete checkpoint (missing {', '.join(missing)})")
     if cfg is not None and (path / "config.yaml").is_file():
         saved = OmegaConf.load(path / "config.yaml")
@@ -235,12 +366,23 @@ def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cf
     if state.get("world_size", 1) != accelerator.num_processes:
         raise UserError(f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "
                         f"{accelerator.num_processes}; resume with the same process count")
-    model = accelerator.unwrap_model(objective)
-    result = model.load_state_dict(load_weights(path / "model.safetensors"), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        names = (result.missing_keys or result.unexpected_keys)[:3]
-        raise UserError(f"checkpoint {path} does not match this model (mismatching keys: {', '.join(names)})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    saved_format, fmt = state.get("state_format", "replicated"), state_format(accelerator)
+    if saved_format != fmt:
+        raise UserError(f"checkpoint {path} holds {saved_format} state but this run writes {fmt} state (the "
+                        f"hardware group's engine or hardware.fsdp.state_dict_type changed); resume with the "
+                        f"hardware settings that wrote it")
+    if fmt == "fsdp-full":
+        _load_full(path, objective, optimizer)
+    elif fmt == "fsdp-sharded":
+        _load_sharded(path / SHARDED_DIR, objective, optimizer)
+    elif fmt == "deepspeed":
+        objective.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                  load_lr_scheduler_states=False)
+    else:
+        model = accelerator.unwrap_model(objective)
+        result = model.load_state_dict(load_weights(path / "model.safetensors"), strict=False)
+        _check_keys(path, result.missing_keys, result.unexpected_keys)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
@@ -251,6 +393,28 @@ def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cf
 
 # ---------------------------------------------------------------- export
 
+def submodule_state(root: torch.nn.Module, module: torch.nn.Module, state_dict: dict) -> dict:
+    """The entries of root's (gathered) state_dict that belong to its submodule `module`, named as in
+    module.state_dict() (wrapper names such as FSDP1's _fsdp_wrapped_module dropped). Names of one
+    tied parameter map to one tensor, so save_pretrained stores it once, as it does unsharded."""
+    prefix = next(clean_name(name) for name, m in root.named_modules() if m is module)
+    prefix = f"{prefix}." if prefix else ""
+    state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    first: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        name = clean_name(name)
+        if id(param) in first and name in state:
+            state[name] = state[first[id(param)]]
+        first.setdefault(id(param), name)
+    return state
+
+
+def clean_name(name: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name.removesuffix("._fsdp_wrapped_module").removesuffix("._checkpoint_wrapped_module")
+
+
 def export_pretrained(run_dir: Path, accelerator, objective, tokenizer) -> Path | None:
     """<run>/final: the objective's HF model (safetensors) + tokenizer, loadable with
     AutoModel*.from_pretrained and pipeline(). Written to a temp folder, then renamed."""
@@ -259,10 +423,16 @@ def export_pretrained(run_dir: Path, accelerator, objective, tokenizer) -> Path 
     final = Path(run_dir) / "final"
     tmp = Path(run_dir) / ".final-tmp"
     accelerator.wait_for_everyone()
+    # Under FSDP each rank holds a shard: gather the whole model (collective) and write that.
+    gathered = full_state_dict(accelerator, objective) if state_format(accelerator).startswith("fsdp") else None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        model = accelerator.unwrap_model(objective).export_model()
-        model.save_pretrained(str(tmp))
+        unwrapped = accelerator.unwrap_model(objective)
+        model = unwrapped.export_model()
+        if gathered is None:
+            model.save_pretrained(str(tmp))
+        else:
+            model.save_pretrained(str(tmp), state_dict=submodule_state(unwrapped, model, gathered))
         if tokenizer is not None:  # image objectives have none
             save_tokenizer(tokenizer, str(tmp))
         _fsync_tree(tmp)

@@ -100,6 +100,15 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "hardware.pin_memory": Spec(bool),
     "hardware.fused_optimizer": Spec(bool),
     "hardware.tf32": Spec(bool),
+    # hardware=fsdp / hardware=deepspeed (ssltrain/sharding.py); wrap_classes is checked there
+    "hardware.fsdp.version": Spec(choices=(1, 2)),
+    "hardware.fsdp.sharding_strategy": Spec(choices=("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")),
+    "hardware.fsdp.auto_wrap": Spec(choices=("transformer_layer", "none")),
+    "hardware.fsdp.cpu_offload": Spec(bool),
+    "hardware.fsdp.activation_checkpointing": Spec(bool),
+    "hardware.fsdp.reduce_dtype": Spec(choices=("fp32", "bf16")),
+    "hardware.fsdp.state_dict_type": Spec(choices=("full", "sharded")),
+    "hardware.deepspeed.zero_stage": Spec(choices=(1, 2)),
     "model.name": Spec(str),
     "model.model_type": Spec(str),
     # bidirectional: encoders (BERT); causal: decoders (GPT-2); encoder-decoder: T5; none: CNNs
@@ -132,6 +141,8 @@ def select(cfg: DictConfig, key: str) -> Any:
 # Keys only some data groups have (unlabelled text: no label_fraction; images: no min_doc_chars): checked when present.
 OPTIONAL_KEYS = frozenset({"data.min_doc_chars", "data.max_docs", "data.num_proc", "data.label_fraction",
                            "data.streaming", "data.shuffle_buffer", "data.validation_docs", "data.tokenizer_docs"})
+# Keys of the scale-out hardware groups (hardware=fsdp / deepspeed): checked when present.
+OPTIONAL_KEYS |= {k for k in TOP_LEVEL_SPECS if k.startswith(("hardware.fsdp.", "hardware.deepspeed."))}
 _ABSENT = object()
 
 
@@ -172,6 +183,9 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
             f"data.source={cfg.data.source!r} is unknown; valid: {', '.join(sorted(CORPUS_SOURCES))}"
         )
     CORPUS_SOURCES[cfg.data.source].check_config(cfg.data)
+    from ssltrain.sharding import check_scale_out
+
+    check_scale_out(cfg, world_size)  # before the device check: a missing engine is named before a missing GPU
     _check_hardware(cfg.hardware)
     _check_paths(cfg)
 

@@ -13,10 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssltrain.checkpoint import (
     checkpoint_name,
+    clean_name,
     export_pretrained,
+    full_state_dict,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    state_format,
 )
 from ssltrain.config import validate_config, world_size_from_env
 from ssltrain.data.corpus import load_corpus
@@ -33,11 +36,14 @@ from ssltrain.tracking import RunTracker
 EXIT_DIVERGED = 3  # exit code when too many non-finite steps stop a run
 
 
-def build_accelerator(hw: DictConfig):
+def build_accelerator(hw: DictConfig, micro_batch_size: int = 1, grad_clip: float = 0.0):
     """An Accelerator for the hardware group. On CPU, cpu=True is what makes launcher-started
-    processes join one gloo group instead of each believing it is alone."""
+    processes join one gloo group instead of each believing it is alone. hardware=fsdp / deepspeed
+    add Accelerate's plugin (ssltrain/sharding.py); DeepSpeed takes the micro-batch and clipping."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    from ssltrain.sharding import attach_fsdp_on_cpu, plugin_kwargs
 
     with contextlib.suppress(AttributeError):  # fresh precision settings when called twice in one process
         AcceleratorState._reset_state()
@@ -45,9 +51,10 @@ def build_accelerator(hw: DictConfig):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     launched = world_size_from_env()
+    plugins = plugin_kwargs(hw, micro_batch_size, grad_clip)
     try:
         accelerator = Accelerator(cpu=hw.device == "cpu", mixed_precision=hw.mixed_precision,
-                                  step_scheduler_with_optimizer=False)
+                                  step_scheduler_with_optimizer=False, **plugins)
     except (ValueError, torch.distributed.DistError) as err:
         # e.g. WORLD_SIZE set by hand without MASTER_ADDR, or the rendezvous timing out with no peer.
         raise UserError(
@@ -60,6 +67,8 @@ def build_accelerator(hw: DictConfig):
             f"{accelerator.num_processes}: each rank would train alone; launch with torchrun or "
             f"`accelerate launch --multi_gpu` and hardware.device matching the machine"
         )
+    if "fsdp_plugin" in plugins and hw.device == "cpu":
+        attach_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
     return accelerator
 
 
@@ -93,12 +102,27 @@ def prepare_data(cfg: DictConfig, accelerator, objective_cls):
     return tokenizer, examples
 
 
-def parameter_checksum(module: torch.nn.Module) -> float:
-    """Order-sensitive float64 fingerprint of all parameters: equal on ranks that stayed in sync."""
+def parameter_checksum(module: torch.nn.Module, state_dict: dict | None = None) -> float:
+    """Order-sensitive float64 fingerprint of all parameters: equal on ranks that stayed in sync.
+    With state_dict (a sharded model's gathered weights): the same sum over its tensors."""
     total = torch.zeros((), dtype=torch.float64)
-    for i, p in enumerate(module.parameters()):
-        total += (i + 1) * p.detach().double().sum().cpu()
+    for i, (name, p) in enumerate(module.named_parameters()):
+        tensor = p if state_dict is None else state_dict[clean_name(name)]
+        total += (i + 1) * tensor.detach().double().sum().cpu()
     return total.item()
+
+
+def replica_checksums(accelerator, objective) -> list[float]:
+    """parameter_checksum of every rank's replica (collective). Under FSDP the ranks hold shards of
+    one model, not replicas: one checksum of the gathered weights, computed on rank 0."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    module = accelerator.unwrap_model(objective)
+    if not state_format(accelerator).startswith("fsdp"):
+        return gather_object([parameter_checksum(module)])
+    gathered = full_state_dict(accelerator, objective)
+    value = parameter_checksum(module, gathered) if accelerator.is_main_process else None
+    return broadcast_object_list([value], from_process=0)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -107,7 +131,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     Returns {"run_dir", "step", "eval": final held-out metrics, "export": path or None}.
     """
     validate_config(cfg)
-    accelerator = build_accelerator(cfg.hardware)
+    accelerator = build_accelerator(cfg.hardware, cfg.trainer.micro_batch_size, cfg.optimizer.grad_clip)
     run_dir = Path(_broadcast(str(Path(run_dir).resolve()), accelerator))
     main = accelerator.is_main_process
     t = cfg.trainer
@@ -119,6 +143,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     objective = build_objective(cfg, tokenizer, examples)
     optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, t.max_steps)
+    n_params = sum(p.numel() for p in objective.parameters())  # before prepare: FSDP leaves each rank a shard
     objective, optimizer = accelerator.prepare(objective, optimizer)
     torch.manual_seed(derived_seed(cfg.seed, rank))  # per-rank dropout streams
     hooks = accelerator.unwrap_model(objective)  # on_step / derived_metrics: the Objective's own methods
@@ -163,7 +188,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         from accelerate.utils import gather_object
 
         first_examples = gather_object([train_data.first_examples(position, 4)])
-        n_params = sum(p.numel() for p in accelerator.unwrap_model(objective).parameters())
         tracker.record("start", step, {
             "world_size": world, "grad_accum": accum, "params": n_params, "train_examples": train_data.num_examples,
             "validation_examples": len(val_examples),
@@ -195,7 +219,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     optimizer.step()  # the fp16 scaler skips overflowing steps and lowers its scale itself
                     finite = not optimizer.step_was_skipped
                 else:
-                    finite = bool(torch.isfinite(grad_norm))  # one scalar sync per step
+                    finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))  # one sync per step; DeepSpeed: a float
                     if finite:
                         optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -241,7 +265,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if t.checkpoint_every and step % t.checkpoint_every:
             checkpoint()
         export = export_pretrained(run_dir, accelerator, objective, tokenizer) if t.export else None
-        checksums = gather_object([parameter_checksum(accelerator.unwrap_model(objective))])
+        checksums = replica_checksums(accelerator, objective)
         tracker.record("end", step, {"world_size": world, "param_checksums": checksums, "tokens_seen": total_tokens(),
                                      "export": str(export) if export else None})
     finally:
