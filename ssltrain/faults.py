@@ -3,15 +3,22 @@
 SIGTERM / SIGINT ask the loop to stop at the next step boundary, where it saves a checkpoint
 and exits with 128 + signal number; a second Ctrl-C exits at once. A step whose gradient norm
 is not finite is skipped (counted in the records); too many in a row stop the run with the
-last good checkpoint left intact.
+last good checkpoint left intact. When another process of a multi-process run dies, the next
+collective fails on the others (gloo: connection reset by peer) and they stop with exit code
+EXIT_PEER_LOST, naming the checkpoint to resume from.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 
 import torch
+
+EXIT_PEER_LOST = 5  # exit code when another process of a multi-process run is gone
+# What gloo says when the process at the other end of a collective has died (NCCL raises DistBackendError).
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
 class RunStopped(Exception):
@@ -38,7 +45,11 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and peer_lost(exc):
+            # Another rank died and the launcher is about to SIGTERM this one: keep deferring signals so
+            # that this process can still say how to resume (RunStopped, exit EXIT_PEER_LOST).
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -79,3 +90,21 @@ class NonFiniteGuard:
     @property
     def too_many(self) -> bool:
         return self.in_row >= self.limit
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether err is a collective or rendezvous failure: in a multi-process run, a process gone."""
+    from torch.distributed import DistError
+
+    return isinstance(err, DistError) or (isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_GONE))
+
+
+def peer_lost_stop(err: BaseException, run_dir, checkpoint_root) -> RunStopped:
+    """The RunStopped a surviving process ends with: what failed, and how to resume."""
+    from ssltrain.checkpoint import latest_checkpoint
+
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())  # gloo's "[.../pair.cc:537] " source prefix
+    first = text.splitlines()[0].split(". ")[0][:300] if text else type(err).__name__
+    return RunStopped(f"another process of this run is gone ({first}); newest complete checkpoint: "
+                      f"{latest_checkpoint(checkpoint_root) or 'none'}; resume with the same launch command plus "
+                      f"hydra.run.dir={run_dir}", EXIT_PEER_LOST)

@@ -79,14 +79,8 @@ def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementa
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.pretrained={path!r} cannot be loaded as {auto_class.__name__}: "
                               f"{_first_line(err)}") from None
-        if tokenizer is None:
-            return model
-        n_embeddings = model.get_input_embeddings().num_embeddings
-        if n_embeddings < len(tokenizer):
-            raise ConfigError(
-                f"model.pretrained={path!r} has {n_embeddings} token embeddings but the tokenizer has "
-                f"{len(tokenizer)} tokens; use the checkpoint's own tokenizer (tokenizer.path)"
-            )
+        if tokenizer is not None:
+            check_tokenizer_fits(path, model.get_input_embeddings().num_embeddings, tokenizer)
         return model
     config = build_model_config(model_cfg, vocab_size=len(tokenizer) if tokenizer is not None else None,
                                 tokenizer=tokenizer)
@@ -97,6 +91,37 @@ def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementa
     except ValueError as err:
         raise ConfigError(f"model={model_cfg.name} cannot be built as {auto_class.__name__}: "
                           f"{_first_line(err)}") from None
+
+
+def check_tokenizer_fits(path: str, n_embeddings: int, tokenizer) -> None:
+    """Refuse a tokenizer other than the one the model at `path` was trained with: its ids would index
+    unrelated embedding rows. The model's own tokenizer is the one saved beside it (every export has
+    one). Without one, the tokenizer must fill the embedding matrix up to its padding to
+    VOCAB_MULTIPLE, unless it was loaded from `path` itself (a hub name)."""
+    n_tokens = len(tokenizer)
+    own = _saved_tokenizer(path)
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        model_side = f"was trained with a {len(own)}-token vocabulary"
+    elif n_tokens > n_embeddings or (own is None and tokenizer.name_or_path != path
+                                     and padded_vocab_size(n_tokens) < n_embeddings):
+        model_side = f"has {n_embeddings} token embeddings"
+    else:
+        return
+    raise ConfigError(f"model.pretrained={path!r} {model_side} but the tokenizer in use has {n_tokens} tokens: "
+                      f"its ids would index unrelated embeddings; use the tokenizer the model was trained with "
+                      f"(the one saved beside it, or tokenizer.path=<that tokenizer>)")
+
+
+def _saved_tokenizer(path: str):
+    """The tokenizer saved in the model folder `path`, or None (no such folder, none saved there)."""
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
 
 
 def _first_line(err: Exception) -> str:

@@ -28,7 +28,7 @@ from ssltrain.data.streaming import is_streaming, prepare_streaming
 from ssltrain.data.tokenizer import build_tokenizer
 from ssltrain.errors import ConfigError, DataError, UserError
 from ssltrain.evaluation.heldout import accumulate, evaluate, reduce_metrics
-from ssltrain.faults import NonFiniteGuard, RunStopped, StopSignals
+from ssltrain.faults import NonFiniteGuard, RunStopped, StopSignals, peer_lost, peer_lost_stop
 from ssltrain.objectives import build_objective, objective_class
 from ssltrain.optim import build_optimizer, build_scheduler
 from ssltrain.tracking import RunTracker
@@ -268,6 +268,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         checksums = replica_checksums(accelerator, objective)
         tracker.record("end", step, {"world_size": world, "param_checksums": checksums, "tokens_seen": total_tokens(),
                                      "export": str(export) if export else None})
+    except RuntimeError as err:  # under torchrun / accelerate launch: another rank died mid-collective
+        if world == 1 or not peer_lost(err):
+            raise
+        raise peer_lost_stop(err, run_dir, run_dir / "checkpoints") from None
     finally:
         tracker.close()
     if len(set(checksums)) > 1:

@@ -86,7 +86,13 @@ def test_user_error_is_one_line_and_leaves_nothing(name, run_cli, tmp_path):
 
     proc = run_cli(*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multirun",
                    env=case.env)
+    assert_one_line_error_and_nothing_written(proc, [e.replace("{tmp}", str(tmp_path)) for e in case.expect],
+                                              tmp_path, before)
 
+
+def assert_one_line_error_and_nothing_written(proc, expect: list[str], tmp_path, before: set) -> None:
+    """Exit 2, no traceback, a last line `ssltrain: error: ...` holding every string of `expect`, and
+    nothing new in tmp_path (the run was given hydra.run.dir=tmp_path/run)."""
     output = f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     assert proc.returncode == 2, output
     _no_traceback(proc)
@@ -94,12 +100,64 @@ def test_user_error_is_one_line_and_leaves_nothing(name, run_cli, tmp_path):
     assert lines, output
     last = lines[-1]
     assert last.startswith("ssltrain: error: "), output
-    for expected in case.expect:
-        assert expected.replace("{tmp}", str(tmp_path)) in last, f"{expected!r} not in {last!r}"
+    for expected in expect:
+        assert expected in last, f"{expected!r} not in {last!r}"
     # Nothing that looks like a run: no run/sweep directory, no outputs/ in the working directory.
     assert not (tmp_path / "run").exists(), sorted(p.name for p in (tmp_path / "run").rglob("*"))
     assert not (tmp_path / "multirun").exists()
     assert set(tmp_path.iterdir()) == before, sorted(p.name for p in set(tmp_path.iterdir()) - before)
+
+
+@pytest.fixture(scope="module")
+def export_and_tokenizers(cache_dir, tmp_path_factory):
+    """A real tiny run's final/ (a 2000-token WordPiece vocabulary, 2048 embedding rows after padding),
+    the same model saved without its tokenizer, and two other WordPiece tokenizers (1000, 3000 tokens)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pydoc_data.topics import topics
+
+    from ssltrain.data.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("export")
+    proc = subprocess.run([sys.executable, "-m", "ssltrain", *TINY, "trainer.max_steps=1", "trainer.eval_batches=1",
+                           f"hydra.run.dir={root / 'run'}"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SSLTRAIN_CACHE": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = {"final": root / "run" / "final", "model_only": root / "model-only"}
+    paths["model_only"].mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(paths["final"] / name, paths["model_only"] / name)
+    for size in (1000, 3000):
+        paths[f"tok{size}"] = root / f"tok{size}"
+        save_tokenizer(train_tokenizer(list(topics.values()), "wordpiece", size), str(paths[f"tok{size}"]))
+    return paths
+
+
+VOCAB_MISMATCHES = {
+    # Another tokenizer next to a run's export, smaller or larger than the one it was trained with.
+    "smaller-tokenizer-path": (["model.pretrained={final}", "tokenizer.path={tok1000}"], ["2000", "1000"]),
+    "larger-tokenizer-path": (["model.pretrained={final}", "tokenizer.path={tok3000}"], ["2000", "3000"]),
+    # The export without its tokenizer: one is trained with another tokenizer.vocab_size (2048 rows vs 1000).
+    "other-vocab-size": (["model.pretrained={model_only}", "tokenizer.vocab_size=1000"], ["2048", "1000"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VOCAB_MISMATCHES))
+def test_a_tokenizer_that_does_not_fit_the_loaded_model_is_a_one_line_error(name, export_and_tokenizers, run_cli,
+                                                                           tmp_path):
+    """model.pretrained + a tokenizer other than the model's own: its ids would index unrelated
+    embedding rows (silently, when the tokenizer is the smaller). One line naming both sizes."""
+    args, sizes = VOCAB_MISMATCHES[name]
+    args = [a.format(**export_and_tokenizers) for a in args]
+    before, export_files = set(tmp_path.iterdir()), sorted(export_and_tokenizers["final"].iterdir())
+    proc = run_cli(*TINY, *args, f"hydra.run.dir={tmp_path}/run")
+    pretrained = args[0].split("=", 1)[1]
+    assert_one_line_error_and_nothing_written(
+        proc, [f"model.pretrained={pretrained!r}", *(f" {size}" for size in sizes)], tmp_path, before)
+    assert sorted(export_and_tokenizers["final"].iterdir()) == export_files
 
 
 def test_help_lists_groups_and_options(run_cli, tmp_path):
