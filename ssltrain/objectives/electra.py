@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ssltrain.config import PROBABILITY, Spec
+from ssltrain.config import Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import masked_lm_head
 from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.functional import IGNORE_INDEX, token_cross_entropy
-from ssltrain.objectives.mlm import MLMCollator, check_replacement_shares
+from ssltrain.objectives.mlm import MASKING_PARAMS, MLMCollator, check_replacement_shares
 
 # ---------------------------------------------------------------- pure functions
 
@@ -108,9 +108,7 @@ class ELECTRA(Objective):
     attention = "bidirectional"
     summary = "replaced-token detection (ELECTRA): a small MLM generator corrupts, a discriminator spots replacements"
     PARAMS = {
-        "mask_prob": Spec(float, low=0.0, high=1.0, low_open=True),
-        "replace_with_mask": PROBABILITY,
-        "replace_with_random": PROBABILITY,
+        **MASKING_PARAMS,
         "generator_size": Spec(float, low=0.0, high=1.0, low_open=True),
         "discriminator_weight": Spec(float, low=0.0),
     }

@@ -65,14 +65,20 @@ def check_replacement_shares(objective_cfg) -> None:
         raise ConfigError(f"objective.replace_with_mask + objective.replace_with_random = {total:g} exceeds 1")
 
 
+# BERT's token selection and replacement, shared by every objective that masks (mlm, mlm_nsp, electra).
+MASKING_PARAMS = {
+    "mask_prob": Spec(float, low=0.0, high=1.0, low_open=True),
+    "replace_with_mask": PROBABILITY,
+    "replace_with_random": PROBABILITY,
+}
+
+
 class MaskedLM(Objective):
     attention = "bidirectional"
     reports_perplexity = True
     summary = "masked language modelling (BERT): predict 15% masked tokens from both sides"
     PARAMS = {
-        "mask_prob": Spec(float, low=0.0, high=1.0, low_open=True),
-        "replace_with_mask": PROBABILITY,
-        "replace_with_random": PROBABILITY,
+        **MASKING_PARAMS,
         "sparse_head": Spec(bool),
     }
 

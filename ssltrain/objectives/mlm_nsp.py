@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ssltrain.config import PROBABILITY, Spec
+from ssltrain.config import Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import ObjectiveOutput
 from ssltrain.objectives.functional import IGNORE_INDEX, token_cross_entropy
-from ssltrain.objectives.mlm import MLMCollator
+from ssltrain.objectives.mlm import MASKING_PARAMS, MLMCollator
 from ssltrain.objectives.nsp import (
     PAIR_PARAMS,
     SentencePairObjective,
@@ -65,9 +65,7 @@ class MaskedLMWithNSP(SentencePairObjective):
     summary = "BERT pretraining: masked language modelling + next sentence prediction (or SOP) on sentence pairs"
     name = "mlm_nsp"
     PARAMS = {
-        "mask_prob": Spec(float, low=0.0, high=1.0, low_open=True),
-        "replace_with_mask": PROBABILITY,
-        "replace_with_random": PROBABILITY,
+        **MASKING_PARAMS,
         "sparse_head": Spec(bool),
         **PAIR_PARAMS,
     }
