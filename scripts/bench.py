@@ -8,27 +8,40 @@ precision code as `ssltrain`), for a fixed number of warm-up and timed optimizer
 
 Prints tokens/s, step time, model FLOPs utilisation (MFU) and peak memory.
 FLOPs per token = 6 x (non-embedding params + vocab x hidden) + 12 x layers x hidden x seq_len.
+
+    python scripts/bench.py --overhead --no-baseline          # + the real loop's overhead
+
+--overhead also times the real loop (ssltrain.train.train: train-data iterator, collator, metric
+accumulation, logging every trainer.log_every steps) against a bare loop of the same step on batches
+collated up front, alternating the two so a shared machine's load falls on both alike, and reports
+overhead = (loop step time - bare step time) / bare step time.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ssltrain.compile import compile_objective
 from ssltrain.config import validate_config
 from ssltrain.data.loader import BatchDataset
 from ssltrain.objectives import build_objective, objective_class
 from ssltrain.optim import build_optimizer, build_scheduler
 from ssltrain.paths import config_dir
-from ssltrain.train import build_accelerator, prepare_data
+from ssltrain.train import build_accelerator, prepare_data, train
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
@@ -104,22 +117,16 @@ def measure(step, warmup: int, steps: int, device: torch.device) -> tuple[float,
     return tokens / elapsed, elapsed / steps, peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="ssltrain config overrides")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the plain Hugging Face baseline")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args()
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=args.overrides)
-    validate_config(cfg)
+def build_ssltrain_step(cfg, prebuilt: int = 0) -> dict:
+    """ssltrain's step for cfg, built as `ssltrain` builds it (hardware.compile included). Returns
+    {"step": () -> tokens, "device", "model" (the export model), "tokenizer", "examples"}.
+    prebuilt > 0: the step cycles over that many micro-batches collated and moved up front, so it
+    is the bare forward/backward/clip/optimizer step with no data loading or collator in it."""
     accelerator = build_accelerator(cfg.hardware)
     tokenizer, examples = prepare_data(cfg, accelerator, objective_class(cfg.objective))
+    torch.manual_seed(cfg.seed)
     objective = build_objective(cfg, tokenizer, examples)
+    compile_objective(objective, cfg.hardware)
     optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.trainer.max_steps)
     objective, optimizer = accelerator.prepare(objective, optimizer)
@@ -127,13 +134,18 @@ def main() -> None:
     data = BatchDataset(examples["train"].with_format("numpy"), accelerator.unwrap_model(objective).build_collator(),
                         t.micro_batch_size, seed=cfg.seed, epoch=0)
     accum = t.batch_size // t.micro_batch_size
-    batches = (data[i % len(data)] for i in range(10**9))
+    device = accelerator.device
+    if prebuilt:
+        ready = [{k: v.to(device) for k, v in data[i % len(data)].items()} for i in range(prebuilt)]
+        batches = itertools.cycle(ready)
+    else:
+        batches = (data[i % len(data)] for i in itertools.count())
 
-    def ssltrain_step() -> int:
+    def step() -> int:
         """The loop's step: objective forward (its own head and loss), backward, clip, step."""
         tokens = 0
         for _ in range(accum):
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             out = objective(batch)
             accelerator.backward(out.loss / accum)
             tokens += batch["input_ids"].numel()
@@ -143,13 +155,77 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return tokens
 
-    device = accelerator.device
-    model = accelerator.unwrap_model(objective).export_model()
+    return {"step": step, "device": device, "model": accelerator.unwrap_model(objective).export_model(),
+            "tokenizer": tokenizer, "examples": examples}
+
+
+def real_loop_windows(cfg, windows: int) -> list[tuple[int, float]]:
+    """(tokens, seconds) of `windows` consecutive logging windows of a real `ssltrain` run: the
+    wall time between two train records covers trainer.log_every whole loop iterations and the
+    writing of one record (metrics.jsonl, TensorBoard, console). The first window (warm-up) is
+    left out, as are the start-up and the evaluations before and after."""
+    every = cfg.trainer.log_every
+    run_cfg = OmegaConf.merge(cfg, {"trainer": {"max_steps": (windows + 1) * every, "eval_every": 0,
+                                                "eval_batches": 1, "checkpoint_every": 0, "export": False,
+                                                "resume": None}})
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(run_cfg, run_dir)
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r["kind"] == "train"]
+    return [(b["tokens_seen"] - a["tokens_seen"], b["time"] - a["time"]) for a, b in zip(logged, logged[1:])]
+
+
+def loop_overhead(cfg, rounds: int, windows: int) -> dict:
+    """The real loop against the bare step (build_ssltrain_step(prebuilt=...)), `rounds` times
+    alternately, `windows` windows of trainer.log_every steps each. Other processes only ever slow a
+    window down (on a shared 2-core machine by up to 10x, in bursts), so the headline compares the
+    fastest window of each kind; the medians are reported beside it."""
+    every = cfg.trainer.log_every
+    bare, loop = [], []
+    load_before = os.getloadavg()[0]
+    for _ in range(rounds):
+        bench = build_ssltrain_step(cfg, prebuilt=8)
+        bare += [measure(bench["step"], 2 if i == 0 else 0, every, bench["device"])[0] for i in range(windows)]
+        loop += [tokens / seconds for tokens, seconds in real_loop_windows(cfg, windows)]
+
+    def overhead(bare_tps: float, loop_tps: float) -> float:
+        return round(100 * (bare_tps / loop_tps - 1), 2)  # step time: (loop - bare) / bare
+
+    return {"loop_tokens_per_s": round(max(loop), 1), "bare_tokens_per_s": round(max(bare), 1),
+            "overhead_pct": overhead(max(bare), max(loop)),
+            "overhead_pct_median": overhead(statistics.median(bare), statistics.median(loop)),
+            "windows": len(loop), "steps_per_window": every,
+            "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="ssltrain config overrides")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain Hugging Face baseline")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--overhead", action="store_true",
+                        help="also measure the real loop's overhead over the bare step (see above)")
+    parser.add_argument("--overhead-rounds", type=int, default=3, help="alternations of bare step and real loop")
+    parser.add_argument("--overhead-windows", type=int, default=5,
+                        help="timed windows of trainer.log_every steps per round and kind")
+    args = parser.parse_args()
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=args.overrides)
+    validate_config(cfg)
+    bench = build_ssltrain_step(cfg)
+    t = cfg.trainer
+    accum = t.batch_size // t.micro_batch_size
+    device, model = bench["device"], bench["model"]
     flops = flops_per_token(model, t.seq_len)
     peak = peak_tflops(device, args.peak_tflops)
-    runs = {"ssltrain": measure(ssltrain_step, args.warmup, args.steps, device)}
+    runs = {"ssltrain": measure(bench["step"], args.warmup, args.steps, device)}
     if not args.no_baseline:
-        _, baseline = hf_baseline_step(cfg, model.config, tokenizer, examples, device, t.micro_batch_size, accum)
+        _, baseline = hf_baseline_step(cfg, model.config, bench["tokenizer"], bench["examples"], device,
+                                       t.micro_batch_size, accum)
         runs["hf_baseline"] = measure(baseline, args.warmup, args.steps, device)
 
     def row(name: str) -> dict:
@@ -163,11 +239,13 @@ def main() -> None:
     result = {
         "objective": cfg.objective._target_.rsplit(".", 1)[-1], "model": cfg.model.name,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "precision": cfg.hardware.mixed_precision, "seq_len": t.seq_len, "batch_size": t.batch_size,
-        "flops_per_token": flops, **{name: row(name) for name in runs},
+        "precision": cfg.hardware.mixed_precision, "compile": cfg.hardware.compile, "seq_len": t.seq_len,
+        "batch_size": t.batch_size, "flops_per_token": flops, **{name: row(name) for name in runs},
     }
     if "hf_baseline" in runs:
         result["speedup_vs_hf"] = round(runs["ssltrain"][0] / runs["hf_baseline"][0], 3)
+    if args.overhead:
+        result["loop_overhead"] = loop_overhead(cfg, args.overhead_rounds, args.overhead_windows)
     if args.json:
         print(json.dumps(result))
         return
@@ -178,6 +256,10 @@ def main() -> None:
     print(f"\n{'':<16} " + " ".join(f"{n:>14}" for n in names))
     for metric in row(names[0]):
         print(f"{metric:<16} " + " ".join(f"{str(result[n][metric]):>14}" for n in names))
+    if args.overhead:
+        print("\nloop overhead (real loop vs bare step)")
+        for key, value in result["loop_overhead"].items():
+            print(f"{key:<20} {value}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "hardware.pin_memory": Spec(bool),
     "hardware.fused_optimizer": Spec(bool),
     "hardware.tf32": Spec(bool),
+    "hardware.compile": Spec(bool),  # torch.compile of the objective's blocks and heads (ssltrain/compile.py)
+    "hardware.compile_mode": Spec(choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
     # hardware=fsdp / hardware=deepspeed (ssltrain/sharding.py); wrap_classes is checked there
     "hardware.fsdp.version": Spec(choices=(1, 2)),
     "hardware.fsdp.sharding_strategy": Spec(choices=("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")),

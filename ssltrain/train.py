@@ -21,6 +21,7 @@ from ssltrain.checkpoint import (
     save_checkpoint,
     state_format,
 )
+from ssltrain.compile import compile_objective
 from ssltrain.config import validate_config, world_size_from_env
 from ssltrain.data.corpus import load_corpus
 from ssltrain.data.loader import DataPosition, build_train_data, derived_seed
@@ -141,6 +142,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     tokenizer, examples = prepare_data(cfg, accelerator, objective_class(cfg.objective))
     objective = build_objective(cfg, tokenizer, examples)
+    compile_objective(objective, cfg.hardware)  # hardware.compile: in place, parameter names unchanged
     optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, t.max_steps)
     n_params = sum(p.numel() for p in objective.parameters())  # before prepare: FSDP leaves each rank a shard

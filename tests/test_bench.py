@@ -38,3 +38,28 @@ def test_bench_reports_throughput_as_json_and_as_a_table(cache_dir):
     rows = {line.split()[0]: line.split()[1:] for line in lines[-5:]}
     assert set(rows) == {"tokens_per_s", "step_time_ms", "achieved_tflops", "mfu", "peak_memory_gib"}
     assert all(len(values) == 2 for values in rows.values())
+
+
+@pytest.mark.slow
+def test_bench_overhead_mode_times_the_real_loop_against_the_bare_step(cache_dir):
+    import os
+
+    env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir)}
+    cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "--warmup", "1", "--steps", "1", "--no-baseline",
+           "--overhead", "--overhead-rounds", "1", "--overhead-windows", "2", *TINY]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "hf_baseline" not in result and result["compile"] is False
+    overhead = result["loop_overhead"]
+    assert overhead["windows"] == 2 and overhead["steps_per_window"] == 5  # TINY: trainer.log_every=5
+    assert overhead["loop_tokens_per_s"] > 0 and overhead["bare_tokens_per_s"] > 0
+    # overhead = (loop step time - bare step time) / bare step time, from the reported rates
+    expected = 100 * (overhead["bare_tokens_per_s"] / overhead["loop_tokens_per_s"] - 1)
+    assert overhead["overhead_pct"] == pytest.approx(expected, abs=0.02)
+    assert -100 < overhead["overhead_pct_median"] < 1000 and len(overhead["load_avg_1min"]) == 2
+    table = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert table.returncode == 0
+    lines = table.stdout.strip().splitlines()
+    assert lines[-8] == "loop overhead (real loop vs bare step)"
+    assert [line.split()[0] for line in lines[-7:]] == list(overhead)
