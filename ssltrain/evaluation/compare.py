@@ -214,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bleu", action="store_true", help="skip BLEU of span-corruption runs")
     parser.add_argument("--out", default=None, help="output folder (default: the first DIR)")
     args = parser.parse_args(argv)
-    split = [v for value in args.fractions for v in value.split(",") if v]
-    seeds = [int(v) for value in args.seeds for v in value.split(",") if v]
+    from ssltrain.evaluation.probe import split_values
+
+    fractions, seeds = split_values(args.fractions, float), split_values(args.seeds, int)
     try:
-        result = compare_runs(args.dirs, fractions=[float(f) for f in split], seeds=seeds, probe=not args.no_probe,
+        result = compare_runs(args.dirs, fractions=fractions, seeds=seeds, probe=not args.no_probe,
                               bleu=not args.no_bleu, out_dir=args.out, log=lambda m: print(m, file=sys.stderr))
     except UserError as err:
         print(f"ssltrain-compare: error: {err}", file=sys.stderr)

@@ -269,7 +269,8 @@ def record_summary(run_dir: Path, task: str, summary: dict, n_seeds: int) -> Non
 # ---------------------------------------------------------------- command line
 
 
-def _numbers(values: list[str], kind):
+def split_values(values: list[str], kind=str) -> list:
+    """Command-line values given space- and/or comma-separated ("0.1,1.0" "0.5") -> one flat list of kind."""
     return [kind(v) for value in values for v in value.split(",") if v]
 
 
@@ -299,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = probe_model(
-            args.path, task=args.task, fractions=_numbers(args.fractions, float), seeds=_numbers(args.seeds, int),
-            inits=[v for value in args.inits for v in value.split(",") if v] if args.inits else None,
-            probes=[v for value in args.probes for v in value.split(",") if v], pooling=args.pooling,
+            args.path, task=args.task, fractions=split_values(args.fractions, float),
+            seeds=split_values(args.seeds, int),
+            inits=split_values(args.inits) if args.inits else None,
+            probes=split_values(args.probes), pooling=args.pooling,
             max_length=args.max_length, out_dir=args.out, record=not args.no_record,
             log=lambda m: print(m, file=sys.stderr))
     except UserError as err:
