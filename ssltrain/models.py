@@ -37,11 +37,14 @@ def build_model_config(model_cfg: DictConfig, vocab_size: int | None, tokenizer=
     kwargs = OmegaConf.to_container(model_cfg.config, resolve=True) if model_cfg.get("config") else {}
     if vocab_size is not None:
         kwargs["vocab_size"] = padded_vocab_size(vocab_size)
-    if tokenizer is not None:
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(tokenizer, name, None)
-            if value is not None:
-                kwargs[name] = value
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if value is not None:
+            kwargs[name] = value
+        elif tokenizer is None and vocab_size is not None:
+            # No tokenizer yet (validation): none of the model type's defaults (GPT-2's 50256), which
+            # may lie outside the run's vocabulary and make transformers warn.
+            kwargs.setdefault(name, None)
     try:
         config = AutoConfig.for_model(model_cfg.model_type, **kwargs)
     except (TypeError, ValueError) as err:

@@ -92,3 +92,12 @@ def test_gpt2_has_124m_parameters_with_its_50k_vocab(compose):
 def test_mismatched_objective_and_model_names_what_fits(compose, overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         validate_config(compose(overrides))
+
+
+def test_a_config_built_before_the_tokenizer_claims_no_special_ids_outside_the_vocabulary(compose):
+    """Validation builds the model config without a tokenizer: GPT-2's default bos/eos 50256 would lie
+    outside a 2,000-token vocabulary (transformers warns); the tokenizer's ids fill them in later."""
+    from ssltrain.models import build_model_config
+
+    config = build_model_config(compose(["model=gpt2-tiny", "objective=ar"]).model, vocab_size=2000)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (None, None, None)
