@@ -15,6 +15,13 @@ FLOPs per token = 6 x (non-embedding params + vocab x hidden) + 12 x layers x hi
 accumulation, logging every trainer.log_every steps) against a bare loop of the same step on batches
 collated up front, alternating the two so a shared machine's load falls on both alike, and reports
 overhead = (loop step time - bare step time) / bare step time.
+
+    python scripts/bench.py --loss --no-baseline objective=ar model=gpt2-tiny   # + the loss alone
+
+--loss also times the token cross-entropy alone, forward and backward, on random logits of the
+run's shape (micro-batch x seq_len x padded vocabulary, every position labelled, in the run's
+precision): eager and compiled (hardware.compile_loss), against F.cross_entropy on the unsliced
+logits (the plain HF loss).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ssltrain.compile import compile_objective
 from ssltrain.config import validate_config
 from ssltrain.data.loader import BatchDataset
-from ssltrain.objectives import build_objective, objective_class
+from ssltrain.objectives import build_objective, functional, objective_class
 from ssltrain.optim import build_optimizer, build_scheduler
 from ssltrain.paths import config_dir
 from ssltrain.train import build_accelerator, prepare_data, train
@@ -198,6 +205,42 @@ def loop_overhead(cfg, rounds: int, windows: int) -> dict:
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
+def loss_timings(micro_batch: int, seq_len: int, vocab_padded: int, vocab: int, device: torch.device,
+                 precision: str, repeats: int = 10) -> dict:
+    """Milliseconds for one forward + backward of the token cross-entropy on (micro_batch, seq_len,
+    vocab_padded) logits: ssltrain's eager and compiled code, and the plain HF loss (F.cross_entropy
+    on the flattened logits in fp32, vocabulary padding included). Fastest of `repeats` runs each."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(micro_batch, seq_len, vocab_padded, generator=g).to(device, dtype).requires_grad_(True)
+    labels = torch.randint(vocab, (micro_batch, seq_len), generator=g).to(device)
+
+    def hf_loss():
+        flat = logits.float().reshape(-1, vocab_padded)
+        return torch.nn.functional.cross_entropy(flat, labels.reshape(-1), reduction="sum"), None, None
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(repeats + 2):  # two untimed calls: compilation and allocator warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()[0].backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+            logits.grad = None
+        return round(1000 * best, 2)
+
+    result = {}
+    for name, compiled in (("eager_ms", False), ("compiled_ms", True)):
+        functional.use_compiled_loss(compiled)
+        result[name] = timed(lambda: functional.token_cross_entropy(logits, labels, vocab))
+    functional.use_compiled_loss(False)
+    result["hf_ms"] = timed(hf_loss)
+    return {"shape": [micro_batch, seq_len, vocab_padded], "dtype": str(dtype).removeprefix("torch."), **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="ssltrain config overrides")
@@ -208,6 +251,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--overhead", action="store_true",
                         help="also measure the real loop's overhead over the bare step (see above)")
+    parser.add_argument("--loss", action="store_true",
+                        help="also time the token cross-entropy alone, eager and compiled (see above)")
     parser.add_argument("--overhead-rounds", type=int, default=3, help="alternations of bare step and real loop")
     parser.add_argument("--overhead-windows", type=int, default=5,
                         help="timed windows of trainer.log_every steps per round and kind")
@@ -216,6 +261,9 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=args.overrides)
     validate_config(cfg)
+    if args.loss and cfg.data.modality != "text":
+        parser.error(f"--loss times the token cross-entropy of language objectives; data={cfg.data.source} is "
+                     f"{cfg.data.modality}")
     bench = build_ssltrain_step(cfg)
     t = cfg.trainer
     accum = t.batch_size // t.micro_batch_size
@@ -239,13 +287,17 @@ def main() -> None:
     result = {
         "objective": cfg.objective._target_.rsplit(".", 1)[-1], "model": cfg.model.name,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "precision": cfg.hardware.mixed_precision, "compile": cfg.hardware.compile, "seq_len": t.seq_len,
+        "precision": cfg.hardware.mixed_precision, "compile": cfg.hardware.compile,
+        "compile_loss": cfg.hardware.compile_loss, "seq_len": t.seq_len,
         "batch_size": t.batch_size, "flops_per_token": flops, **{name: row(name) for name in runs},
     }
     if "hf_baseline" in runs:
         result["speedup_vs_hf"] = round(runs["ssltrain"][0] / runs["hf_baseline"][0], 3)
     if args.overhead:
         result["loop_overhead"] = loop_overhead(cfg, args.overhead_rounds, args.overhead_windows)
+    if args.loss:
+        result["loss"] = loss_timings(t.micro_batch_size, t.seq_len, model.config.vocab_size, len(bench["tokenizer"]),
+                                      device, cfg.hardware.mixed_precision)
     if args.json:
         print(json.dumps(result))
         return
@@ -259,6 +311,10 @@ def main() -> None:
     if args.overhead:
         print("\nloop overhead (real loop vs bare step)")
         for key, value in result["loop_overhead"].items():
+            print(f"{key:<20} {value}")
+    if args.loss:
+        print("\ntoken cross-entropy alone, forward + backward")
+        for key, value in result["loss"].items():
             print(f"{key:<20} {value}")
 
 

@@ -101,6 +101,7 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "hardware.fused_optimizer": Spec(bool),
     "hardware.tf32": Spec(bool),
     "hardware.compile": Spec(bool),  # torch.compile of the objective's blocks and heads (ssltrain/compile.py)
+    "hardware.compile_loss": Spec(bool),  # torch.compile of the token cross-entropy (objectives/functional.py)
     "hardware.compile_mode": Spec(choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
     # hardware=fsdp / hardware=deepspeed (ssltrain/sharding.py); wrap_classes is checked there
     "hardware.fsdp.version": Spec(choices=(1, 2)),

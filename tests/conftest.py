@@ -30,6 +30,7 @@ TINY = [
     "trainer.eval_every=0",
     "trainer.eval_batches=4",
     "data.max_docs=150",
+    "hardware.compile_loss=false",  # the eager loss, the reference; tests/test_compile.py runs the compiled one
 ]
 
 

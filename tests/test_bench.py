@@ -63,3 +63,20 @@ def test_bench_overhead_mode_times_the_real_loop_against_the_bare_step(cache_dir
     lines = table.stdout.strip().splitlines()
     assert lines[-8] == "loop overhead (real loop vs bare step)"
     assert [line.split()[0] for line in lines[-7:]] == list(overhead)
+
+
+@pytest.mark.slow
+def test_bench_loss_mode_times_the_cross_entropy_eager_and_compiled(cache_dir):
+    import os
+
+    env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir)}
+    cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "--warmup", "1", "--steps", "1", "--no-baseline",
+           "--loss", "--json", *TINY, "objective=ar", "model=gpt2-tiny"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loss = json.loads(out.stdout.strip().splitlines()[-1])["loss"]
+    assert loss["shape"] == [16, 64, 2048] and loss["dtype"] == "float32"  # TINY micro-batch, seq_len, vocab
+    assert all(loss[k] > 0 for k in ("eager_ms", "compiled_ms", "hf_ms"))
+    images = subprocess.run([*cmd[:-len(TINY) - 2], "objective=simclr"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert images.returncode == 2 and "--loss times the token cross-entropy" in images.stderr

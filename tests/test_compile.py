@@ -56,7 +56,7 @@ def test_bad_compile_settings_fail_in_one_line(compose):
 
 
 @pytest.mark.slow
-def test_compiled_training_follows_the_eager_curve_and_saves_plain_names(compose, tmp_path, monkeypatch):
+def test_compiled_training_follows_the_eager_curve_and_saves_plain_names(compose, tmp_path):
     """Same 6 steps eager and compiled. Inductor draws dropout masks from its own generator;
     fallback_random makes it use eager's, so the two curves agree to float round-off."""
     from safetensors import safe_open
@@ -64,13 +64,14 @@ def test_compiled_training_follows_the_eager_curve_and_saves_plain_names(compose
 
     from ssltrain.train import train
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     overrides = [*TINY, "trainer.max_steps=6", "trainer.log_every=1", "trainer.checkpoint_every=6",
                  "trainer.eval_batches=1"]
     runs = {}
     for flag in ("false", "true"):
         torch._dynamo.reset()
-        result = train(compose([*overrides, f"hardware.compile={flag}"]), tmp_path / flag)
+        # (config.patch, not monkeypatch: undoing a monkeypatch deletes the option from inductor's config)
+        with torch._inductor.config.patch(fallback_random=True):
+            result = train(compose([*overrides, f"hardware.compile={flag}"]), tmp_path / flag)
         runs[flag] = {"losses": [r["loss"] for r in read_metrics(result["run_dir"]) if r["kind"] == "train"],
                       "eval": result["eval"]["loss"], "dir": result["run_dir"],
                       "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
@@ -91,3 +92,35 @@ def test_compiled_training_follows_the_eager_curve_and_saves_plain_names(compose
         assert not any("_orig_mod" in k for k in keys(fast["dir"] / file))
     model, info = AutoModelForMaskedLM.from_pretrained(fast["dir"] / "final", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.slow
+def test_compiled_loss_follows_the_eager_curve(compose, tmp_path):
+    """hardware.compile_loss (on by default) compiles the token cross-entropy only: no randomness in
+    it, so the compiled run's training and held-out losses equal the eager run's to round-off."""
+    from ssltrain.train import train
+
+    overrides = [*TINY, "objective=ar", "model=gpt2-tiny", "trainer.max_steps=6", "trainer.log_every=1",
+                 "trainer.eval_batches=2"]
+    runs = {}
+    for flag in ("false", "true"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        result = train(compose([*overrides, f"hardware.compile_loss={flag}"]), tmp_path / flag)
+        runs[flag] = ([r["loss"] for r in read_metrics(result["run_dir"]) if r["kind"] == "train"],
+                      result["eval"]["loss"], torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    (eager, eager_eval, eager_graphs), (fast, fast_eval, fast_graphs) = runs["false"], runs["true"]
+    assert len(eager) == 6 and eager_graphs == 0 and fast_graphs > 0  # the switch compiles
+    assert fast == pytest.approx(eager, rel=1e-5) and fast_eval == pytest.approx(eager_eval, rel=1e-5)
+
+
+def test_compile_loss_without_a_cpp_compiler_warns_and_runs_eagerly(compose, monkeypatch):
+    from ssltrain import compile as compile_module
+    from ssltrain.objectives import functional
+
+    cfg = compose([*TINY, "hardware.compile_loss=true"])
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.warns(UserWarning, match="compile_loss=true needs a C.. compiler on CPU"):
+        compile_objective(torch.nn.Linear(2, 2), cfg.hardware)
+    assert functional._compiled_loss is None

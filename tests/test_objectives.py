@@ -10,7 +10,7 @@ import torch
 from ssltrain.objectives.functional import (
     IGNORE_INDEX,
     mask_tokens,
-    shift_for_next_token,
+    next_token_labels,
     token_cross_entropy,
 )
 
@@ -85,16 +85,50 @@ def test_ar_targets_are_inputs_shifted_by_one_and_loss_matches_reference():
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(20, (2, 6), generator=g)
     logits = torch.randn(2, 6, 20, generator=g)
-    shifted_logits, targets = shift_for_next_token(ids, logits)
-    assert torch.equal(targets, ids[:, 1:])
-    assert torch.equal(shifted_logits, logits[:, :-1])
-    loss, n, _ = token_cross_entropy(shifted_logits, targets)
+    targets = next_token_labels(ids)
+    assert torch.equal(targets[:, :-1], ids[:, 1:]) and (targets[:, -1] == IGNORE_INDEX).all()
+    loss, n, _ = token_cross_entropy(logits, targets)
     # Reference: position t predicts token t+1, summed over every sequence.
     ref = 0.0
     for b in range(2):
         for t in range(5):
             ref += -torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]].item()
     assert n.item() == 10 and loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_cross_entropy_equals_the_reference_in_value_and_gradient():
+    """hardware.compile_loss routes token_cross_entropy through torch.compile: the same sums, counts
+    and gradients (to float round-off) for 3-d logits with vocabulary padding, for 2-d logits whose
+    row count changes per call (masked positions), with and without gradients."""
+    from ssltrain.objectives import functional
+
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randn(2, 9, 16, generator=g), torch.randint(13, (2, 9), generator=g), 13)]
+    cases += [(torch.randn(n, 16, generator=g), torch.randint(16, (n,), generator=g), None) for n in (5, 11, 7)]
+    cases[0][1][0, :4] = IGNORE_INDEX
+    functional.use_compiled_loss(True)
+    try:
+        assert functional._compiled_loss is not None
+        for logits, labels, limit in cases:
+            leaf = logits.clone().requires_grad_(True)
+            loss, n, correct = token_cross_entropy(leaf, labels, limit)
+            loss.backward()
+            kept = logits[..., :limit] if limit else logits
+            ref_loss, ref_n, ref_correct = reference_cross_entropy(kept, labels)
+            assert (n.item(), correct.item()) == (ref_n, ref_correct)
+            assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+            # d(sum CE)/d logits = softmax - one-hot at labelled rows, zero at padding columns and unlabelled rows
+            ref_grad = torch.zeros_like(logits)
+            rows = labels != IGNORE_INDEX
+            soft = torch.softmax(kept[rows], -1) - torch.nn.functional.one_hot(labels[rows], kept.shape[-1])
+            ref_grad[rows] = torch.nn.functional.pad(soft, (0, logits.shape[-1] - kept.shape[-1]))
+            torch.testing.assert_close(leaf.grad, ref_grad, rtol=1e-5, atol=1e-6)
+            with torch.no_grad():
+                assert token_cross_entropy(logits, labels, limit)[0].item() == pytest.approx(ref_loss, rel=1e-5)
+    finally:
+        functional.use_compiled_loss(False)
+    assert functional._compiled_loss is None
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput
-from ssltrain.objectives.functional import shift_for_next_token, token_cross_entropy
+from ssltrain.objectives.functional import next_token_labels, token_cross_entropy
 
 
 @dataclass
@@ -43,7 +43,7 @@ class CausalLM(Objective):
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         input_ids = batch["input_ids"]  # (B, T)
         logits = self.model(input_ids=input_ids).logits  # (B, T, V)
-        logits, targets = shift_for_next_token(input_ids, logits)
+        targets = next_token_labels(input_ids)  # (B, T): the last position predicts nothing
         loss_sum, n_targets, n_correct = token_cross_entropy(logits, targets, self.vocab_size)
         return ObjectiveOutput(
             loss=loss_sum / n_targets.clamp(min=1),

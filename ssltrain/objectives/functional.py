@@ -14,7 +14,16 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_limit:
     logits: (..., V) float; labels: (...) long, IGNORE_INDEX where no target.
     vocab_limit: logits columns >= this (vocabulary padding rows) are excluded from the softmax.
     Returns (loss_sum, n_targets, n_correct) as 0-dim tensors; loss_sum is float32.
+
+    Runs the torch.compile'd copy of the same code when hardware.compile_loss is on
+    (use_compiled_loss): fused, it reads the logits about twice instead of copying them several times.
     """
+    if _compiled_loss is not None:
+        return _compiled_loss(logits, labels, vocab_limit)
+    return _token_cross_entropy(logits, labels, vocab_limit)
+
+
+def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_limit: int | None):
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits[..., :vocab_limit]
     logits = logits.reshape(-1, logits.shape[-1]).float()
@@ -24,6 +33,20 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_limit:
     n_targets = valid.sum()
     n_correct = ((logits.argmax(-1) == labels) & valid).sum()
     return loss_sum, n_targets, n_correct
+
+
+_compiled_loss = None  # torch.compile(_token_cross_entropy) while hardware.compile_loss is on
+
+
+def use_compiled_loss(enabled: bool) -> None:
+    """Route token_cross_entropy through torch.compile (True) or run it eagerly (False). Set by the
+    training loop from hardware.compile_loss at the start of every run."""
+    global _compiled_loss
+    if not enabled:
+        _compiled_loss = None
+    elif _compiled_loss is None:
+        # Sizes differ between calls (masked positions per batch): after one recompile, a dynamic graph.
+        _compiled_loss = torch.compile(_token_cross_entropy)
 
 
 def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, *, mask_prob: float, replace_with_mask: float,
@@ -48,7 +71,8 @@ def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, *, mask_pro
     return masked, labels
 
 
-def shift_for_next_token(input_ids: torch.Tensor, logits: torch.Tensor):
-    """Next-token pairs: logits at position t predict the token at t+1.
-    input_ids: (B, T); logits: (B, T, V) -> ((B, T-1, V), (B, T-1))."""
-    return logits[:, :-1, :], input_ids[:, 1:]
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Targets for next-token prediction, aligned with the unshifted logits: position t's target is
+    token t+1 and the last position has none. Shifting the labels, not the (B, T, V) logits, spares
+    a copy of the logits. input_ids: (B, T) -> (B, T), IGNORE_INDEX in the last column."""
+    return F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
