@@ -69,6 +69,7 @@ def test_compiled_training_follows_the_eager_curve_and_saves_plain_names(compose
     runs = {}
     for flag in ("false", "true"):
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         # (config.patch, not monkeypatch: undoing a monkeypatch deletes the option from inductor's config)
         with torch._inductor.config.patch(fallback_random=True):
             result = train(compose([*overrides, f"hardware.compile={flag}"]), tmp_path / flag)

@@ -19,6 +19,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_limit:
     (use_compiled_loss): fused, it reads the logits about twice instead of copying them several times.
     """
     if _compiled_loss is not None:
+        if logits.dim() == 2:  # rows at masked positions: their count changes every batch
+            torch._dynamo.maybe_mark_dynamic(logits, 0)
+            torch._dynamo.maybe_mark_dynamic(labels, 0)
         return _compiled_loss(logits, labels, vocab_limit)
     return _token_cross_entropy(logits, labels, vocab_limit)
 
@@ -45,7 +48,6 @@ def use_compiled_loss(enabled: bool) -> None:
     if not enabled:
         _compiled_loss = None
     elif _compiled_loss is None:
-        # Sizes differ between calls (masked positions per batch): after one recompile, a dynamic graph.
         _compiled_loss = torch.compile(_token_cross_entropy)
 
 
