@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # several GB of CUDA wheels; GPU machines keep their own torch (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-fast bench lint clean
+.PHONY: install test test-fast bench lint wheels clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench:
 
 lint:
 	$(PY) -m ruff check ssltrain tests scripts
+
+# Wheels for an offline CUDA machine with its own torch/transformers (scripts/offline_install.sh there).
+WHEELS_PYTHON ?= 3.12
+wheels:
+	PY=$(PY) scripts/offline_wheels.sh $(WHEELS_PYTHON) .wheels
 
 clean:
 	rm -rf outputs multirun .pytest_cache
