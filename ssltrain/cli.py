@@ -74,9 +74,13 @@ def preflight(argv: list[str]) -> None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
         raise UserError(f"cannot parse the command line {' '.join(argv)!r}; see ssltrain --help") from None
-    if any(getattr(args, flag, None) for flag in _INFO_FLAGS):
+    if args.shell_completion or args.hydra_help:
         return
-    check_output_dirs(args.overrides, multirun=args.multirun)
+    # --cfg / --help / --info run nothing: their config must compose (a bad group option or key is
+    # one line, as for a run), but values are only checked for a run.
+    info_only = any(getattr(args, flag, None) for flag in _INFO_FLAGS)
+    if not info_only:
+        check_output_dirs(args.overrides, multirun=args.multirun)
     # Hydra's own keys (hydra.run.dir=...) are Hydra's to check; ours are everything else.
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     conf_dir = os.path.abspath(args.config_dir) if args.config_dir else str(config_dir())
@@ -89,6 +93,8 @@ def preflight(argv: list[str]) -> None:
                     cfg = compose(config_name=config_name, overrides=job)
                 except HydraException as err:
                     raise UserError(_unknown_key_message(err, config_name, job) or str(err)) from None
+                if info_only:
+                    continue
                 try:
                     validate_config(cfg)
                 except UserError as err:

@@ -187,6 +187,22 @@ def test_cfg_job_prints_config_without_a_run(run_cli, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag", [["--cfg", "job"], ["--help"]])
+def test_info_flags_with_a_bad_group_option_or_key_are_one_line_errors(run_cli, tmp_path, flag):
+    """--cfg / --help print without running, but what they print must compose: a bad choice gets the
+    same one line as for a run (Hydra alone printed its multi-line search-path report, exit 1)."""
+    for bad, needle in (("model=bert-huge", "Could not find 'model/bert-huge', Available options in 'model': "
+                                            "bert-base, bert-tiny"),
+                        ("trainer.max_stepz=3", "trainer.max_stepz is not a config key; did you mean "
+                                                "trainer.max_steps?")):
+        proc = run_cli(*flag, bad, f"hydra.run.dir={tmp_path}/run", timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        _no_traceback(proc)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_output_directory_that_cannot_be_created_is_a_one_line_error(run_cli, tmp_path):
     (tmp_path / "afile").write_text("a file, not a folder")
     proc = run_cli(f"hydra.run.dir={tmp_path}/afile/run", timeout=120)
