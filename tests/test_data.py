@@ -137,3 +137,45 @@ def test_a_split_smaller_than_one_global_micro_batch_is_repeated_to_fill_it():
     assert ranks(0)[0].indices(0) != ranks(1)[0].indices(0) or ranks(0)[1].indices(0) != ranks(1)[1].indices(0)
     big = BatchDataset(Rows(), lambda cols, g: cols, 2, seed=3, epoch=0)  # enough examples: one pass, as before
     assert len(big) == 2 and len(big.order) == 5
+
+
+def test_without_drop_last_every_example_is_seen_once_and_ranks_run_as_many_batches():
+    """Held-out evaluation: 11 examples, micro-batch 3, 2 ranks -> one full global batch (6), then
+    5 left: rank 0 gets 3, rank 1 gets 2. With 7 examples rank 1's second slot is empty: a filler."""
+    for n, expected in ((11, [[3, 3], [3, 2]]), (7, [[3, 3], [1, 0]])):
+        ds = examples(n)
+        ranks = [BatchDataset(ds, Echo(), 3, seed=1, epoch=0, rank=r, world_size=2, shuffle=False, drop_last=False)
+                 for r in range(2)]
+        assert [len(d) for d in ranks] == [2, 2]
+        assert [[len(d.indices(b)) for d in ranks] for b in range(2)] == expected
+        seen = [int(v) for d in ranks for b in range(len(d)) if not d.is_filler(b) for v in d[b]["x"]]
+        assert sorted(seen) == list(range(n))
+        fillers = [(r, b) for r, d in enumerate(ranks) for b in range(len(d)) if d.is_filler(b)]
+        assert fillers == ([] if n == 11 else [(1, 1)])
+        for r, b in fillers:
+            assert len(ranks[r][b]["x"]) == 1  # something to run, discarded by the caller
+        assert len(BatchDataset(ds, Echo(), 3, seed=1, epoch=0, world_size=2, shuffle=False)) == 1  # drop_last
+
+
+def test_held_out_evaluation_covers_the_whole_split_unless_metrics_depend_on_the_batch():
+    """evaluate(max_batches=None) over 10 examples in micro-batches of 4: the mean of a per-example
+    metric is over all 10 (the last batch has 2); an in-batch contrastive objective keeps 8."""
+    from accelerate import Accelerator
+
+    from ssltrain.evaluation.heldout import evaluate
+    from ssltrain.objectives.base import Objective, ObjectiveOutput
+
+    class Ids(Objective):
+        def forward(self, batch):
+            x = batch["x"].float()
+            return ObjectiveOutput(metrics={"loss": (x.sum(), torch.tensor(float(len(x))))})
+
+    class InBatch(Ids):
+        metrics_per_example = False
+
+    accelerator = Accelerator(cpu=True)
+    ds = examples(10)
+    for objective, mean in ((Ids(), 4.5), (InBatch(), 3.5)):  # mean of 0..9, of 0..7
+        values = evaluate(objective, ds, Echo(), micro_batch_size=4, max_batches=None, seed=0,
+                          accelerator=accelerator)
+        assert values["loss"] == mean

@@ -25,10 +25,15 @@ def derived_seed(*parts: int) -> int:
 class BatchDataset(torch.utils.data.Dataset):
     """Micro-batches of one epoch for one rank. Rank r takes global micro-batch slots
     r, r + world, r + 2*world, ... so ranks see disjoint examples (unless the split is smaller
-    than one global micro-batch: then its examples are repeated to fill one)."""
+    than one global micro-batch: then its examples are repeated to fill one).
+
+    drop_last=False (held-out evaluation): the examples left after the last full global
+    micro-batch form one more, smaller one, so every example is seen once; a rank whose slot in
+    it is empty gets a filler batch of one example (is_filler) to run and discard, so that every
+    rank runs the same number of forward passes (FSDP gathers parameters in each)."""
 
     def __init__(self, examples, collator: Callable, micro_batch_size: int, *, seed: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = True):
         self.examples = examples  # a datasets.Dataset formatted as numpy (memory-mapped)
         self.collator = collator
         self.micro_batch_size = micro_batch_size
@@ -46,7 +51,8 @@ class BatchDataset(torch.utils.data.Dataset):
             extra = torch.randperm(n, generator=torch.Generator().manual_seed(seed_k)) if shuffle else torch.arange(n)
             order = torch.cat([order, extra])
         self.order = order
-        self.num_batches = len(order) // (micro_batch_size * world_size)
+        per_batch = micro_batch_size * world_size
+        self.num_batches = len(order) // per_batch if drop_last else -(-len(order) // per_batch)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -55,11 +61,15 @@ class BatchDataset(torch.utils.data.Dataset):
         start = (b * self.world_size + self.rank) * self.micro_batch_size
         return self.order[start:start + self.micro_batch_size].tolist()
 
+    def is_filler(self, b: int) -> bool:
+        """True when this rank has no examples left in batch b (only with drop_last=False)."""
+        return not self.indices(b)
+
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
         if not 0 <= b < self.num_batches:
             raise IndexError(b)
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, b, self.rank))
-        return self.collator(self.examples[self.indices(b)], generator)
+        return self.collator(self.examples[self.indices(b) or self.order[:1].tolist()], generator)
 
 
 @dataclass

@@ -37,18 +37,22 @@ def accumulate(sums: dict[str, list[torch.Tensor]], metrics: dict) -> None:
 def evaluate(objective, examples, collator, *, micro_batch_size: int, max_batches: int | None, seed: int,
              accelerator) -> dict[str, float]:
     """Mean metrics over the first max_batches held-out micro-batches (fixed order and masking,
-    so successive evaluations are comparable). Collective: every rank calls it."""
+    so successive evaluations are comparable); max_batches None: every example, the last batch
+    smaller, unless the objective's metrics depend on the batch (in-batch contrastive losses:
+    then full batches only). Collective: every rank calls it."""
     world, rank = accelerator.num_processes, accelerator.process_index
+    unwrapped = accelerator.unwrap_model(objective)
     batch_size = max(1, min(micro_batch_size, len(examples) // world))
     dataset = BatchDataset(examples, collator, batch_size, seed=seed, epoch=0, rank=rank, world_size=world,
-                           shuffle=False)
+                           shuffle=False, drop_last=not type(unwrapped).metrics_per_example)
     n_batches = len(dataset) if max_batches is None else min(len(dataset), max_batches)
     was_training = objective.training
     objective.eval()
     sums: dict[str, list[torch.Tensor]] = {}
     for b in range(n_batches):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in dataset[b].items()}
-        accumulate(sums, objective(batch).metrics)
+        metrics = objective(batch).metrics
+        if not dataset.is_filler(b):
+            accumulate(sums, metrics)
     objective.train(was_training)
-    unwrapped = accelerator.unwrap_model(objective)
     return reduce_metrics(sums, accelerator, type(unwrapped).reports_perplexity)

@@ -40,6 +40,10 @@ class Objective(torch.nn.Module):
     attention: ClassVar[str | None] = None
     #: True when exp(mean loss) is a perplexity worth reporting.
     reports_perplexity: ClassVar[bool] = False
+    #: True when every metric sums over examples (or tokens) independently of which other examples
+    #: share the batch, so a held-out evaluation may end with a smaller batch and see every example.
+    #: False for in-batch contrastive losses, whose value depends on the number of negatives.
+    metrics_per_example: ClassVar[bool] = True
     #: constructor parameters (the YAML keys besides _target_) and what each may be.
     PARAMS: ClassVar[dict[str, Spec]] = {}
     #: one line for listings.

@@ -64,6 +64,7 @@ class TwoViewCollator:
 
 class SimCLR(ImageObjective):
     summary = "SimCLR: two augmented views per image, projection MLP, NT-Xent over the global batch"
+    metrics_per_example = False  # NT-Xent over the batch: a smaller last batch has fewer negatives
     PARAMS = {
         "temperature": Spec(float, low=0.0, high=10.0, low_open=True),
         "projection_dim": Spec(int, low=1),

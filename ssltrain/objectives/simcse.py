@@ -51,6 +51,7 @@ class SentenceCollator:
 
 class SimCSE(Objective):
     attention = "bidirectional"
+    metrics_per_example = False  # InfoNCE over the batch: a smaller last batch has fewer negatives
     summary = "SimCSE: contrastive sentence embeddings, two dropout views per sentence, in-batch InfoNCE"
     PARAMS = {
         "temperature": Spec(float, low=0.0, high=10.0, low_open=True),
