@@ -17,11 +17,16 @@ collated up front, alternating the two so a shared machine's load falls on both 
 overhead = (loop step time - bare step time) / bare step time.
 
     python scripts/bench.py --loss --no-baseline objective=ar model=gpt2-tiny   # + the loss alone
+    python scripts/bench.py --profile 5 --trace trace.json    # + where the step's time goes
 
 --loss also times the token cross-entropy alone, forward and backward, on random logits of the
 run's shape (micro-batch x seq_len x padded vocabulary, every position labelled, in the run's
 precision): eager and compiled (hardware.compile_loss), against F.cross_entropy on the unsliced
 logits (the plain HF loss).
+
+--profile N runs N more steps of ssltrain's step under torch.profiler and reports the operators
+with the most self time (device time on a GPU, CPU time otherwise) per step, with their share of
+the total; --trace FILE also writes the Chrome trace (chrome://tracing, Perfetto).
 """
 
 from __future__ import annotations
@@ -241,6 +246,30 @@ def loss_timings(micro_batch: int, seq_len: int, vocab_padded: int, vocab: int, 
     return {"shape": [micro_batch, seq_len, vocab_padded], "dtype": str(dtype).removeprefix("torch."), **result}
 
 
+def profile_step(step, steps: int, device: torch.device, top: int = 15, trace: str | None = None) -> dict:
+    """Self time per operator over `steps` profiled steps: the `top` largest, per step, with their
+    share of all operators' self time (GPU kernels' time on CUDA, CPU time otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    rows = sorted(events, key=lambda e: -getattr(e, attr))[:top]
+    return {"time": "device" if cuda else "cpu", "steps": steps, "total_ms_per_step": round(total / 1e3 / steps, 2),
+            "top": [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1e3 / steps, 3),
+                     "share": round(getattr(e, attr) / total, 4), "calls_per_step": round(e.count / steps, 1)}
+                    for e in rows]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="ssltrain config overrides")
@@ -253,6 +282,9 @@ def main() -> None:
                         help="also measure the real loop's overhead over the bare step (see above)")
     parser.add_argument("--loss", action="store_true",
                         help="also time the token cross-entropy alone, eager and compiled (see above)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N steps of ssltrain's step: top operators by self time (see above)")
+    parser.add_argument("--trace", default=None, metavar="FILE", help="with --profile: write the Chrome trace here")
     parser.add_argument("--overhead-rounds", type=int, default=3, help="alternations of bare step and real loop")
     parser.add_argument("--overhead-windows", type=int, default=5,
                         help="timed windows of trainer.log_every steps per round and kind")
@@ -295,6 +327,8 @@ def main() -> None:
         result["speedup_vs_hf"] = round(runs["ssltrain"][0] / runs["hf_baseline"][0], 3)
     if args.overhead:
         result["loop_overhead"] = loop_overhead(cfg, args.overhead_rounds, args.overhead_windows)
+    if args.profile:
+        result["profile"] = profile_step(bench["step"], args.profile, device, trace=args.trace)
     if args.loss:
         result["loss"] = loss_timings(t.micro_batch_size, t.seq_len, model.config.vocab_size, len(bench["tokenizer"]),
                                       device, cfg.hardware.mixed_precision)
@@ -312,6 +346,12 @@ def main() -> None:
         print("\nloop overhead (real loop vs bare step)")
         for key, value in result["loop_overhead"].items():
             print(f"{key:<20} {value}")
+    if args.profile:
+        prof = result["profile"]
+        print(f"\nprofile: self {prof['time']} time per step, {prof['total_ms_per_step']} ms in all operators")
+        for row in prof["top"]:
+            share, calls = 100 * row["share"], row["calls_per_step"]
+            print(f"{row['ms_per_step']:>10.3f} ms {share:>6.1f}% {calls:>7} calls  {row['op']}")
     if args.loss:
         print("\ntoken cross-entropy alone, forward + backward")
         for key, value in result["loss"].items():

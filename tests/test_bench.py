@@ -66,15 +66,24 @@ def test_bench_overhead_mode_times_the_real_loop_against_the_bare_step(cache_dir
 
 
 @pytest.mark.slow
-def test_bench_loss_mode_times_the_cross_entropy_eager_and_compiled(cache_dir):
+def test_bench_loss_and_profile_modes_time_the_cross_entropy_and_the_step_by_operator(cache_dir, tmp_path):
     import os
 
     env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir)}
+    trace = tmp_path / "trace.json"
     cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "--warmup", "1", "--steps", "1", "--no-baseline",
-           "--loss", "--json", *TINY, "objective=ar", "model=gpt2-tiny"]
+           "--loss", "--profile", "2", "--trace", str(trace), "--json", *TINY, "objective=ar", "model=gpt2-tiny"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    loss = json.loads(out.stdout.strip().splitlines()[-1])["loss"]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    profile = result["profile"]
+    assert profile["time"] == "cpu" and profile["steps"] == 2 and profile["total_ms_per_step"] > 0
+    top = profile["top"]
+    assert 0 < len(top) <= 15 and 0 < sum(row["share"] for row in top) <= 1.0001
+    assert [row["ms_per_step"] for row in top] == sorted((row["ms_per_step"] for row in top), reverse=True)
+    assert any(row["op"] in ("aten::mm", "aten::addmm") for row in top)  # a transformer's time is in matmuls
+    assert json.loads(trace.read_text())["traceEvents"]
+    loss = result["loss"]
     assert loss["shape"] == [16, 64, 2048] and loss["dtype"] == "float32"  # TINY micro-batch, seq_len, vocab
     assert all(loss[k] > 0 for k in ("eager_ms", "compiled_ms", "hf_ms"))
     images = subprocess.run([*cmd[:-len(TINY) - 2], "objective=simclr"], capture_output=True, text=True,
