@@ -171,6 +171,67 @@ def test_collator_trims_masks_and_draws_the_dropout_seed_from_the_generator(setu
     assert batch["attention_mask"].sum(1).tolist() == rows["length"].tolist()
 
 
+def test_pack_rows_is_first_fit_decreasing_within_capacity():
+    from ssltrain.objectives.simcse import pack_rows
+
+    lengths = [30, 60, 10, 64, 5, 33, 31, 2]
+    rows = pack_rows(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(8))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert rows == [[3], [1, 7], [5, 6], [0, 2, 4]]  # 64 | 60+2 | 33+31 | 30+10+5
+    assert pack_rows(lengths, 64) == rows
+
+
+def test_packed_collator_keeps_every_sentence_once_with_its_own_positions(setup):
+    from ssltrain.objectives.simcse import SentenceCollator
+
+    _, _, tok, examples = setup
+    rows = examples["validation"].with_format("numpy")[:16]
+    packed = SentenceCollator(packed=True)(rows, torch.Generator().manual_seed(3))
+    padded = SentenceCollator()(rows, torch.Generator().manual_seed(3))
+    assert packed["dropout_seed"] == padded["dropout_seed"]
+    assert packed["input_ids"].shape[0] < 16 and packed["attention_mask"].sum() == padded["attention_mask"].sum()
+    flat = {k: packed[k].reshape(-1) for k in ("input_ids", "position_ids", "segments")}
+    for i, (ids, n) in enumerate(zip(rows["input_ids"], rows["length"])):
+        at = packed["starts"][i].item()
+        assert flat["input_ids"][at].item() == tok.cls_token_id
+        assert flat["input_ids"][at:at + n].tolist() == ids[:n].tolist()
+        assert flat["position_ids"][at:at + n].tolist() == list(range(n))
+        assert (flat["segments"][at:at + n] == i).all() and (flat["segments"] == i).sum() == n
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pooler", ["cls_mlp", "cls", "mean"])
+def test_packed_rows_embed_each_sentence_as_its_own_padded_row(setup, attn, pooler):
+    """Without dropout, packing changes nothing but the FLOPs: each sentence attends only to itself
+    (block-diagonal mask) at positions from 0, so its embedding equals the padded one's."""
+    from omegaconf import OmegaConf
+
+    from ssltrain.objectives.simcse import SentenceCollator, SimCSE
+
+    cfg, _, tok, examples = setup
+    hardware = OmegaConf.merge(cfg.hardware, {"attn_implementation": attn})
+    torch.manual_seed(0)
+    objective = SimCSE(model_cfg=cfg.model, tokenizer=tok, hardware=hardware, pooler=pooler).eval()
+    assert objective.packed and objective.build_collator().packed
+    rows = examples["validation"].with_format("numpy")[:16]
+    padded = SentenceCollator()(rows, torch.Generator().manual_seed(0))
+    packed = SentenceCollator(packed=True)(rows, torch.Generator().manual_seed(0))
+    assert (packed["segments"].max(1).values > packed["segments"].clamp(min=0).min(1).values).any(), \
+        "some row holds several sentences"
+    with torch.no_grad():
+        reference = objective.embed(padded["input_ids"], padded["attention_mask"])
+        views = {k: v for k, v in packed.items() if k != "dropout_seed"}
+        torch.testing.assert_close(objective.embed(**views), reference, rtol=1e-5, atol=1e-5)
+        if pooler != "mean":  # the mask matters: one block per row (sentences see each other) differs
+            one_block = torch.where(packed["segments"] >= 0, 0, -1)
+            mixed = objective.embed(**{**views, "segments": one_block})
+            assert not torch.allclose(mixed, reference, atol=1e-3)
+        first = objective(padded)
+        second = objective(packed)  # held-out: the same seeded dropout, drawn over other positions
+    assert set(first.metrics) == set(second.metrics) and first.num_tokens == second.num_tokens
+
+
 def make(setup, **params):
     from ssltrain.objectives.simcse import SentenceCollator, SimCSE
 
