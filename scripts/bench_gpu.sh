@@ -9,13 +9,14 @@
 #   gpt2     GPT-2 124M, T=1024, 16 sequences: eager with --loss, then compiled (each vs the HF loop)
 #   ablate   BERT-base and GPT-2 eager with one speed switch off at a time: what each one gives
 #   profile  torch.profiler top operators per step, BERT-base and GPT-2 compiled, with Chrome traces
+#   micro    micro-batch sizes around the defaults, compiled, no baseline: the fastest that fits
 #   curve    300 steps of BERT-base eager and compiled (compile must follow the eager loss curve)
 #
 # BERT and GPT override the model arguments (e.g. to try the plumbing on CPU with tiny models).
 set -uo pipefail  # not -e: one failing run leaves the others to run
-OUT=${1:?usage: scripts/bench_gpu.sh OUT [bert gpt2 ablate profile curve]}
+OUT=${1:?usage: scripts/bench_gpu.sh OUT [bert gpt2 ablate profile micro curve]}
 shift
-SECTIONS=${*:-bert gpt2 ablate profile curve}
+SECTIONS=${*:-bert gpt2 ablate profile micro curve}
 PYTHON=${PYTHON:-python}
 BERT=${BERT:-model=bert-base hardware=gpu trainer.seq_len=128 trainer.batch_size=256 trainer.micro_batch_size=256 tokenizer.vocab_size=30522}
 GPT=${GPT:-objective=ar model=gpt2 hardware=gpu trainer.seq_len=1024 trainer.batch_size=16 trainer.micro_batch_size=16 tokenizer.vocab_size=50257}
@@ -70,6 +71,14 @@ for section in $SECTIONS; do
         run bert_profile --no-baseline --profile 5 --trace "$OUT/bert_trace.json" $BERT hardware.compile=true
         run gpt2_profile --no-baseline --profile 5 --trace "$OUT/gpt2_trace.json" $GPT hardware.compile=true
         ;;
+    micro)
+        for m in 128 512 1024; do
+            run "bert_micro_$m" --no-baseline $BERT hardware.compile=true trainer.batch_size=$m trainer.micro_batch_size=$m
+        done
+        for m in 8 32 64; do
+            run "gpt2_micro_$m" --no-baseline $GPT hardware.compile=true trainer.batch_size=$m trainer.micro_batch_size=$m
+        done
+        ;;
     curve)
         for flag in false true; do
             # shellcheck disable=SC2086
@@ -79,7 +88,7 @@ for section in $SECTIONS; do
         done
         ;;
     *)
-        echo "unknown section $section; valid: bert gpt2 ablate profile curve" >&2
+        echo "unknown section $section; valid: bert gpt2 ablate profile micro curve" >&2
         exit 2
         ;;
     esac
