@@ -269,3 +269,21 @@ def test_fsdp1_sharded_checkpoints_hold_one_shard_per_rank_and_resume_exactly(ca
     a = weights(tmp_path / "first" / "final" / "model.safetensors")
     b = weights(tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_precision_trains_and_keeps_fp32_master_weights(fsdp_and_ddp, cache_dir):
+    """hardware=fsdp's own precision (bf16 compute, fp32 gradient reduction) on 2 CPU processes, the
+    path a GPU run takes: the losses follow the fp32 DDP run within bf16 rounding, and the export and
+    checkpoint hold the fp32 master weights, gathered."""
+    tmp, _, ddp = fsdp_and_ddp
+    settings = [s for s in FSDP_CPU if not s.startswith("hardware.mixed_precision")]
+    records = launch(tmp / "bf16", cache_dir, tmp, *settings, "hardware.fused_optimizer=false")
+    losses, reference = train_losses(records), train_losses(ddp)
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]
+    assert all(math.isclose(losses[s], reference[s], rel_tol=2e-2) for s in reference), (losses, reference)
+    assert any(losses[s] != reference[s] for s in reference), "bf16 compute rounds differently from fp32"
+    exported = weights(tmp / "bf16" / "final" / "model.safetensors")
+    gathered = weights(tmp / "bf16" / STEP6 / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in exported.values())
+    assert all(torch.equal(exported[k], gathered[f"model.{k}"]) for k in exported)
