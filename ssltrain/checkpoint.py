@@ -415,9 +415,10 @@ def clean_name(name: str) -> str:
     return name.removesuffix("._fsdp_wrapped_module").removesuffix("._checkpoint_wrapped_module")
 
 
-def export_pretrained(run_dir: Path, accelerator, objective, tokenizer) -> Path | None:
-    """<run>/final: the objective's HF model (safetensors) + tokenizer, loadable with
-    AutoModel*.from_pretrained and pipeline(). Written to a temp folder, then renamed."""
+def export_pretrained(run_dir: Path, accelerator, objective, tokenizer, processor=None) -> Path | None:
+    """<run>/final: the objective's HF model (safetensors) + tokenizer (text) or image processor
+    (images), loadable with AutoModel*.from_pretrained and pipeline(). Written to a temp folder,
+    then renamed."""
     from ssltrain.data.tokenizer import save_tokenizer
 
     final = Path(run_dir) / "final"
@@ -435,6 +436,8 @@ def export_pretrained(run_dir: Path, accelerator, objective, tokenizer) -> Path 
             model.save_pretrained(str(tmp), state_dict=submodule_state(unwrapped, model, gathered))
         if tokenizer is not None:  # image objectives have none
             save_tokenizer(tokenizer, str(tmp))
+        if processor is not None:
+            processor.save_pretrained(str(tmp))
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

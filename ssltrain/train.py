@@ -24,6 +24,7 @@ from ssltrain.checkpoint import (
 from ssltrain.compile import compile_objective
 from ssltrain.config import validate_config, world_size_from_env
 from ssltrain.data.corpus import load_corpus
+from ssltrain.data.images import image_processor
 from ssltrain.data.loader import DataPosition, build_train_data, derived_seed
 from ssltrain.data.streaming import is_streaming, prepare_streaming
 from ssltrain.data.tokenizer import build_tokenizer
@@ -266,7 +267,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         tracker.record("eval", step, final_eval)
         if t.checkpoint_every and step % t.checkpoint_every:
             checkpoint()
-        export = export_pretrained(run_dir, accelerator, objective, tokenizer) if t.export else None
+        export = (export_pretrained(run_dir, accelerator, objective, tokenizer, image_processor(cfg.data))
+                  if t.export else None)
         checksums = replica_checksums(accelerator, objective)
         tracker.record("end", step, {"world_size": world, "param_checksums": checksums, "tokens_seen": total_tokens(),
                                      "export": str(export) if export else None})

@@ -268,6 +268,47 @@ def test_digits_probe_on_a_rotation_export_keeps_the_backbone_bit_identical(comp
     assert all(torch.equal(model.resnet.state_dict()[name], t) for name, t in encoder.items())
     assert torch.equal(model.classifier[1].weight, heads[2])
 
+    # The export carries its image processor: a plain grey image becomes the pixels the model was
+    # evaluated on (8-bit rounding aside).
+    held_out, images = held_out_digit_images(cfg)
+    from transformers import AutoImageProcessor
+
+    processed = AutoImageProcessor.from_pretrained(result["export"])(images, return_tensors="pt")["pixel_values"]
+    assert processed.shape == held_out.shape and (processed - held_out).abs().max() <= 1 / 255
+
+
+def held_out_digit_images(cfg, n: int = 40):
+    """The first n held-out digits as the run saw them ((n, C, H, W) in [0, 1]) and as 8-bit PIL images."""
+    import numpy as np
+    from PIL import Image
+
+    from ssltrain.data.corpus import load_corpus
+
+    pixels = load_corpus(cfg.data, cfg.cache_dir)[0]["validation"].with_format("numpy")[:n]["pixels"]
+    mode = "L" if pixels.shape[1] == 1 else "RGB"
+    images = [Image.fromarray(np.round(p.transpose(1, 2, 0).squeeze(-1 if mode == "L" else ()) * 255)
+                              .astype(np.uint8), mode=mode) for p in pixels]
+    return torch.from_numpy(pixels), images
+
+
+@pytest.mark.slow
+def test_an_image_classifier_export_works_in_pipeline_with_its_saved_processor(compose, tmp_path):
+    """pipeline("image-classification", model=<run>/final) with nothing else passed: the saved image
+    processor turns RGB images into the model's inputs (pipelines convert every image to RGB, so this
+    needs data.channels=3; a grey model takes its processor and model directly, as above)."""
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from ssltrain.train import train
+
+    cfg = compose([*DIGITS, "data.channels=3", "data.image_size=16", "trainer.max_steps=20"])
+    export = train(cfg, tmp_path / "rgb")["export"]
+    model = AutoModelForImageClassification.from_pretrained(export).eval()
+    held_out, images = held_out_digit_images(cfg)
+    with torch.no_grad():
+        expected = model(pixel_values=held_out).logits.argmax(-1).tolist()
+    predicted = [int(top[0]["label"]) for top in pipeline("image-classification", model=str(export))(images)]
+    assert sum(p == e for p, e in zip(predicted, expected)) >= 36, (predicted, expected)
+
 
 @pytest.mark.slow
 def test_gradual_unfreezing_through_the_loop(compose, tmp_path):

@@ -107,6 +107,26 @@ def pil_to_pixels(image, channels: int, size: int, origin: str) -> np.ndarray:
     return array_to_pixels(np.asarray(image, dtype=np.uint8), channels, size, origin)
 
 
+def image_processor(data_cfg: DictConfig):
+    """The Hugging Face image processor that prepares an image as this data group prepared the
+    training images (centre square crop, bilinear resize to data.image_size, values in [0, 1], no
+    normalisation; RGB when data.channels=3), saved beside an image model's export so that
+    pipeline("image-classification", model=<run>/final) needs nothing else. With data.channels=1
+    it takes grey ("L") images. None for text data."""
+    if data_cfg.get("modality") != "image":
+        return None
+    from transformers.image_utils import PILImageResampling
+
+    try:  # transformers >= 5: the PIL backend by name (the default one wants torchvision)
+        from transformers import BitImageProcessorPil as Processor
+    except ImportError:
+        from transformers import BitImageProcessor as Processor
+    size = int(data_cfg.image_size)
+    return Processor(do_resize=True, size={"shortest_edge": size}, resample=PILImageResampling.BILINEAR,
+                     do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True,
+                     rescale_factor=1 / 255, do_normalize=False, do_convert_rgb=int(data_cfg.channels) == 3)
+
+
 def split_by_hash(keys: list[str], fraction: float, origin: str) -> tuple[list[int], list[int]]:
     """(train indices, validation indices): the round(len * fraction) keys (at least 1) with the
     smallest stable hashes are held out, so a key's side does not depend on the run."""
