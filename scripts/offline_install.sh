@@ -5,14 +5,26 @@
 #   scripts/offline_install.sh [WHEEL_DIR ...]    resolve hydra-core, omegaconf, datasets and
 #                                                 tensorboard from the parts (default: .wheels/part*),
 #                                                 then ssltrain itself in editable mode, no deps
-#   scripts/offline_install.sh --part WHEEL_DIR   install one part's wheels as they are (no deps),
-#                                                 for parts that arrive in separate copies; then run
+#   scripts/offline_install.sh --part WHEEL_DIR   install the wheels of one part whose projects are
+#                                                 not installed yet, as they are (no deps): for a part
+#                                                 that cannot stay until the others arrive; then run
 #                                                 the first form with the last part
+#
+# Where the parts can wait for each other (copied one after another into the same tree), copy them
+# all and run the first form once: pip then resolves every version against what is installed.
 set -euo pipefail
 PY=${PY:-python}
 if [ "${1:-}" = "--part" ]; then
-    "$PY" -m pip install --quiet --no-index --no-deps "$2"/*.whl
-    echo "installed $(ls "$2"/*.whl | wc -l) wheels from $2"
+    n=0
+    for wheel in "$2"/*.whl; do
+        project=$(basename "$wheel" | cut -d- -f1)
+        if "$PY" -m pip show --quiet "$project" >/dev/null 2>&1; then
+            continue  # never replace what the machine has (its transformers may pin it)
+        fi
+        "$PY" -m pip install --quiet --no-index --no-deps "$wheel"
+        n=$((n + 1))
+    done
+    echo "installed $n wheels from $2 (projects already installed were left alone)"
     exit 0
 fi
 dirs=("$@")

@@ -8,7 +8,7 @@
 # Downloads hydra-core, omegaconf, datasets and tensorboard with their dependencies for that
 # Python on manylinux x86_64, minus numpy (every torch install has it). antlr4-python3-runtime
 # 4.9.3, hydra's parser runtime, is published as a source archive only: its wheel is built here.
-# The wheels are split into parts of at most ~60 MB (OUT/part1, OUT/part2, ...) for copy tools
+# The wheels are split into parts of at most 56 MiB (OUT/part1, OUT/part2, ...) for copy tools
 # with a size cap; pyarrow alone fills one.
 set -euo pipefail
 PYVER=${1:-3.12}
@@ -26,7 +26,7 @@ mkdir -p "$ALL"
     "hydra-core>=1.3.2" "omegaconf>=2.3" "datasets>=2.19" "tensorboard>=2.14"
 rm -f "$ALL"/numpy-*.whl
 # Greedy split, largest first, into parts below the cap.
-CAP=$((60 * 1024 * 1024))
+CAP=$((56 * 1024 * 1024))
 part=0
 declare -a sizes=()
 for wheel in $(ls -S "$ALL"/*.whl); do
