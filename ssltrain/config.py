@@ -102,6 +102,7 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "hardware.tf32": Spec(bool),
     "hardware.compile": Spec(bool),  # torch.compile of the objective's blocks and heads (ssltrain/compile.py)
     "hardware.compile_loss": Spec(bool),  # torch.compile of the token cross-entropy (objectives/functional.py)
+    "hardware.collective_timeout_s": POSITIVE,  # multi-process: how long a collective waits for the others
     "hardware.compile_mode": Spec(choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
     # hardware=fsdp / hardware=deepspeed (ssltrain/sharding.py); wrap_classes is checked there
     "hardware.fsdp.version": Spec(choices=(1, 2)),

@@ -5,7 +5,9 @@ and exits with 128 + signal number; a second Ctrl-C exits at once. A step whose 
 is not finite is skipped (counted in the records); too many in a row stop the run with the
 last good checkpoint left intact. When another process of a multi-process run dies, the next
 collective fails on the others (gloo: connection reset by peer) and they stop with exit code
-EXIT_PEER_LOST, naming the checkpoint to resume from.
+EXIT_PEER_LOST, naming the checkpoint to resume from. A process that hangs instead of dying
+(stopped, deadlocked, stuck on a dead filesystem) fails the others' next collective after
+hardware.collective_timeout_s, with the same exit.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import threading
 import torch
 
 EXIT_PEER_LOST = 5  # exit code when another process of a multi-process run is gone
-# What gloo says when the process at the other end of a collective has died (NCCL raises DistBackendError).
-PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+# What gloo says when the process at the other end of a collective has died, or has not answered
+# within hardware.collective_timeout_s (hung); NCCL raises DistBackendError.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting")
 
 
 class RunStopped(Exception):
@@ -105,6 +108,6 @@ def peer_lost_stop(err: BaseException, run_dir, checkpoint_root) -> RunStopped:
 
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())  # gloo's "[.../pair.cc:537] " source prefix
     first = text.splitlines()[0].split(". ")[0][:300] if text else type(err).__name__
-    return RunStopped(f"another process of this run is gone ({first}); newest complete checkpoint: "
+    return RunStopped(f"another process of this run is gone or not responding ({first}); newest complete checkpoint: "
                       f"{latest_checkpoint(checkpoint_root) or 'none'}; resume with the same launch command plus "
                       f"hydra.run.dir={run_dir}", EXIT_PEER_LOST)

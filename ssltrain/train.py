@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ def build_accelerator(hw: DictConfig, micro_batch_size: int = 1, grad_clip: floa
     add Accelerate's plugin (ssltrain/sharding.py); DeepSpeed takes the micro-batch and clipping."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     from ssltrain.sharding import attach_fsdp_on_cpu, plugin_kwargs
 
@@ -54,9 +56,12 @@ def build_accelerator(hw: DictConfig, micro_batch_size: int = 1, grad_clip: floa
         torch.backends.cudnn.allow_tf32 = True
     launched = world_size_from_env()
     plugins = plugin_kwargs(hw, micro_batch_size, grad_clip)
+    # How long a collective waits for the other processes before it fails: a process that hangs
+    # (rather than dies) stops the run after this long, with the checkpoint to resume from.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=hw.get("collective_timeout_s", 1800)))
     try:
         accelerator = Accelerator(cpu=hw.device == "cpu", mixed_precision=hw.mixed_precision,
-                                  step_scheduler_with_optimizer=False, **plugins)
+                                  step_scheduler_with_optimizer=False, kwargs_handlers=[timeout], **plugins)
     except (ValueError, torch.distributed.DistError) as err:
         # e.g. WORLD_SIZE set by hand without MASTER_ADDR, or the rendezvous timing out with no peer.
         raise UserError(

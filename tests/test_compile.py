@@ -48,11 +48,15 @@ def test_compile_marks_each_block_and_head_in_place_and_keeps_parameter_names(co
     assert all(p is params[n] for n, p in objective.named_parameters())  # the optimizer's tensors, unchanged
 
 
-def test_bad_compile_settings_fail_in_one_line(compose):
+def test_bad_compile_and_timeout_settings_fail_in_one_line(compose):
     assert "hardware.compile_mode='fast' is invalid; expected one of default, reduce-overhead" in config_error(
         compose, ["hardware.compile_mode=fast"])
     assert "hardware.compile='yes' is invalid; expected true or false" in config_error(
         compose, ["hardware.compile=yes"])
+    assert "hardware.compile_loss='on' is invalid; expected true or false" in config_error(
+        compose, ["hardware.compile_loss=on"])
+    assert "hardware.collective_timeout_s=0 is invalid; expected an integer >= 1" in config_error(
+        compose, ["hardware.collective_timeout_s=0"])
 
 
 @pytest.mark.slow

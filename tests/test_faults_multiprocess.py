@@ -14,6 +14,7 @@ done leaves at once (exit 130), without a half-written checkpoint for the resume
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -177,6 +178,46 @@ def test_killing_one_rank_ends_the_run_and_the_same_command_resumes_both_exactly
     resumed_from = latest_checkpoint(run / "checkpoints").name
 
     resume(launcher_name, run, tmp_path, cache_dir)
+    assert_resumed_like_the_reference(run, reference, resumed_from)
+
+
+def test_a_hung_rank_stops_the_run_after_the_collective_timeout_and_the_same_command_resumes(
+        reference, cache_dir, tmp_path):
+    """A rank that hangs instead of dying (SIGSTOP: alive, silent) fails the other's next collective
+    after hardware.collective_timeout_s; that rank says how to resume (exit EXIT_PEER_LOST) and the
+    launcher tears the group down. The same command (default timeout) resumes exactly."""
+    import psutil
+
+    timeout_s, stopped_rank = 10, 1
+    run = tmp_path / "run"
+    argv = [*launcher("torchrun", free_port()), "-m", "ssltrain", *TWO_RANKS,
+            f"hardware.collective_timeout_s={timeout_s}", f"hydra.run.dir={run}"]
+    proc = start(argv, tmp_path, child_env(tmp_path, cache_dir), tmp_path / "hung")
+    wait_until(lambda: train_records(run) >= 5, proc, START_TIMEOUT_S, "5 train records")
+    ranks = workers(proc)
+    ranks[stopped_rank].suspend()
+    stopped_at = time.monotonic()
+    try:
+        _, alive = psutil.wait_procs([ranks[1 - stopped_rank]], timeout=timeout_s + 50)
+        waited = time.monotonic() - stopped_at
+        assert not alive, f"the other rank still waits {waited:.0f} s after rank {stopped_rank} hung"
+        proc.wait(timeout=END_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ranks[stopped_rank].kill()
+    assert timeout_s <= waited < timeout_s + 50 and proc.returncode != 0
+    report = Path(f"{tmp_path / 'hung'}.err").read_text()
+    line = next((x for x in report.splitlines() if x.startswith("ssltrain: another process")), None)
+    assert line is not None, report[-4000:]
+    assert "gone or not responding (Timed out waiting" in line and f"hydra.run.dir={run}" in line
+    assert_only_complete_checkpoints(run, allow_temp=True)
+    resumed_from = latest_checkpoint(run / "checkpoints").name
+    assert resumed_from in line
+    print(f"rank {stopped_rank} stopped: rank {1 - stopped_rank} ended {waited:.1f} s later")
+
+    resume("torchrun", run, tmp_path, cache_dir)
     assert_resumed_like_the_reference(run, reference, resumed_from)
 
 
