@@ -24,6 +24,29 @@ _INFO_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg")
 MAX_PREFLIGHT_JOBS = 256
 
 
+MAX_DIRNAME_BYTES = 240  # a path component may have 255 bytes on common filesystems
+
+
+def sweep_subdir(num, override_dirname: str) -> str:
+    """A sweep job's folder name, "<job number>_<its overrides>" (conf/train.yaml's hydra.sweep.subdir):
+    cut to MAX_DIRNAME_BYTES with a digest of the whole name when the overrides would make it longer
+    than a filesystem allows (Hydra would fail making the folder)."""
+    import hashlib
+
+    name = f"{num}_{override_dirname}" if override_dirname else str(num)
+    raw = name.encode()
+    if len(raw) <= MAX_DIRNAME_BYTES:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:10]
+    return f"{raw[:MAX_DIRNAME_BYTES - 12].decode(errors='ignore')}~{digest}"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("ssltrain_sweep_subdir", sweep_subdir, replace=True)
+
+
 def one_line(message: str) -> str:
     """Hydra's multi-line messages ('Could not find X\\n\\nAvailable options in Y:\\n\\ta\\n\\tb') -> one line."""
     text = message.split("Config search path")[0]
@@ -187,6 +210,7 @@ def _hydra_app():
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    register_resolvers()
     argv = sys.argv[1:]
     try:
         preflight(argv)

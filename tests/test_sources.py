@@ -55,6 +55,20 @@ def test_starting_from_a_local_checkpoint_keeps_its_weights(compose, tmp_path):
     assert start_eval["loss"] == pytest.approx(first["eval"]["loss"], rel=1e-4)
 
 
+def test_sweep_folder_names_are_cut_to_fit_a_filesystem():
+    """hydra.sweep.subdir: '<num>_<overrides>' as Hydra writes it, unless that exceeds what a path
+    component may hold (255 bytes): then cut, with a digest keeping distinct jobs distinct. (The
+    multirun test below makes such names: TINY's overrides alone pass 255 bytes.)"""
+    from ssltrain.cli import MAX_DIRNAME_BYTES, sweep_subdir
+
+    assert sweep_subdir(3, "optimizer.lr=0.001") == "3_optimizer.lr=0.001" and sweep_subdir(0, "") == "0"
+    long = ",".join(f"trainer.key_{i}=value_{i}" for i in range(20))
+    a, b = sweep_subdir(0, long), sweep_subdir(0, long.replace("value_19", "other"))
+    assert a.startswith("0_trainer.key_0=value_0,") and len(a.encode()) <= MAX_DIRNAME_BYTES < 255
+    assert a != b and len(b.encode()) <= MAX_DIRNAME_BYTES
+    assert len(sweep_subdir(1, "data.path=" + "é" * 200).encode()) <= MAX_DIRNAME_BYTES  # cut on a character
+
+
 def test_multirun_sweep_runs_every_job(run_cli, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", *TINY, "trainer.max_steps=2", "trainer.export=false", "optimizer.lr=1e-3,2e-3",
