@@ -25,9 +25,11 @@ from ssltrain.config import validate_config
 
 FSDP_CPU = ["hardware=fsdp", "hardware.device=cpu", "hardware.mixed_precision=no", "hardware.num_workers=0",
             "hardware.pin_memory=false"]
-# Two processes x 16 sequences; checkpoints at step 3 and 6 of 6.
-TWO_PROCESS_RUN = [*TINY, "trainer.batch_size=32", "trainer.micro_batch_size=16", "trainer.max_steps=6",
-                   "trainer.log_every=1", "trainer.checkpoint_every=3"]
+# Two processes x 12 sequences; checkpoints at step 3 and 6 of 6. Evaluation over the whole held-out
+# split (28 blocks): one global batch of 24, then 4 for rank 0 and a filler for rank 1, which under
+# FSDP must still run its forward (parameters are gathered in each).
+TWO_PROCESS_RUN = [*TINY, "trainer.batch_size=24", "trainer.micro_batch_size=12", "trainer.max_steps=6",
+                   "trainer.log_every=1", "trainer.checkpoint_every=3", "trainer.eval_batches=null"]
 WEIGHT_TOLERANCE = 1e-5  # FSDP vs DDP after 6 steps: measured max |difference| 1.2e-7
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
@@ -209,6 +211,9 @@ def test_fsdp_trains_like_ddp_and_exports_the_gathered_model(fsdp_and_ddp):
     assert sorted(losses) == list(range(1, 7)) and all(math.isfinite(v) for v in losses.values())
     assert all(math.isclose(losses[s], reference[s], rel_tol=1e-5) for s in reference), (losses, reference)
     assert losses[6] < losses[1]
+    evals = [[r["loss"] for r in records if r["kind"] == "eval"] for records in (fsdp, ddp)]
+    assert start["validation_examples"] == 28 and len(evals[0]) == 2  # step 0 and the end
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(*evals)), evals
 
     exported = weights(run / "final" / "model.safetensors")
     ddp_final = weights(tmp / "ddp" / "final" / "model.safetensors")
