@@ -172,7 +172,7 @@ def test_collator_trims_masks_and_draws_the_dropout_seed_from_the_generator(setu
 
 
 def test_pack_rows_is_first_fit_decreasing_within_capacity():
-    from ssltrain.objectives.simcse import pack_rows
+    from ssltrain.objectives.packing import pack_rows
 
     lengths = [30, 60, 10, 64, 5, 33, 31, 2]
     rows = pack_rows(lengths, 64)

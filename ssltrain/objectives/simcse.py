@@ -37,30 +37,9 @@ from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.contrastive import alignment_uniformity, gather_with_grad, info_nce
 from ssltrain.objectives.nsp import check_trained_tokenizer_has_cls_sep
+from ssltrain.objectives.packing import block_mask, can_pack, pack, pooled_first_tokens
 
 POOLERS = ("cls_mlp", "cls", "mean")
-
-
-# Model types whose encoders take position_ids counted from 0 and a ready (B, 1, L, L) attention
-# mask, so that several sentences can share a row (packed=true); others pad each sentence.
-PACKABLE_MODEL_TYPES = ("bert", "electra")
-
-
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: indices of the sentences in each row, each row's lengths summing to at
-    most `capacity`; deterministic (ties by index)."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(capacity - lengths[i])
-    return rows
 
 
 @dataclass
@@ -72,8 +51,8 @@ class SentenceCollator:
     decreasing), giving input_ids/attention_mask/position_ids/segments (R, W) with R rows filled to
     at most W tokens, positions restarting at 0 in each sentence, segments = the sentence's index in
     the batch (-1 on padding), and starts (B,): each sentence's first token in the flattened (R * W)
-    layout, in batch order. The encoder sees a block-diagonal mask (SimCSE.embed), so each sentence
-    attends to itself only: the same computation as padded rows, without the padding."""
+    layout, in batch order (objectives/packing.py). The encoder sees a block-diagonal mask, so each
+    sentence attends to itself only: the same computation as padded rows, without the padding."""
 
     packed: bool = False
 
@@ -82,33 +61,11 @@ class SentenceCollator:
         dropout_seed = torch.randint(0, 2**62, (), generator=generator)
         stored = np.asarray(columns["input_ids"])
         if self.packed:
-            return {**pack_sentences(stored, lengths.tolist()), "dropout_seed": dropout_seed}
+            return {**pack({"input_ids": stored}, lengths.tolist()), "dropout_seed": dropout_seed}
         width = int(lengths.max())
         input_ids = torch.as_tensor(stored[:, :width], dtype=torch.long)
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return {"input_ids": input_ids, "attention_mask": attention_mask, "dropout_seed": dropout_seed}
-
-
-def pack_sentences(stored: np.ndarray, lengths: list[int]) -> dict[str, torch.Tensor]:
-    """(B, seq_len) stored sentences -> the packed tensors SentenceCollator(packed=True) describes."""
-    rows = pack_rows(lengths, stored.shape[1])
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    input_ids = np.zeros((len(rows), width), dtype=np.int64)
-    position_ids = np.zeros((len(rows), width), dtype=np.int64)
-    segments = np.full((len(rows), width), -1, dtype=np.int64)
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    for r, row in enumerate(rows):
-        at = 0
-        for i in sorted(row):  # batch order within a row
-            n = lengths[i]
-            input_ids[r, at:at + n] = stored[i, :n]
-            position_ids[r, at:at + n] = np.arange(n)
-            segments[r, at:at + n] = i
-            starts[i] = r * width + at
-            at += n
-    segments_t = torch.from_numpy(segments)
-    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": (segments_t >= 0).long(),
-            "position_ids": torch.from_numpy(position_ids), "segments": segments_t, "starts": torch.from_numpy(starts)}
 
 
 class SimCSE(Objective):
@@ -144,9 +101,7 @@ class SimCSE(Objective):
         self.encoder = build_backbone(model_cfg, tokenizer, AutoModel, hardware.attn_implementation)
         self.temperature = temperature
         self.pooler = pooler
-        # Packing needs a ready 4-d mask, which flash_attention_2 does not take: it pads instead.
-        self.packed = (packed and self.encoder.config.model_type in PACKABLE_MODEL_TYPES
-                       and self.encoder.config._attn_implementation in ("sdpa", "eager"))
+        self.packed = packed and can_pack(self.encoder.config)  # else padded rows
         own_pooler = getattr(self.encoder, "pooler", None)
         self.use_own_pooler = pooler == "cls_mlp" and own_pooler is not None
         self.mlp = None
@@ -177,14 +132,8 @@ class SimCSE(Objective):
                 return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             cls_state = hidden[:, 0]
         else:
-            # Block-diagonal: a token attends to the tokens of its own sentence (padding to padding,
-            # so no row is empty).
-            block = (segments[:, :, None] == segments[:, None, :])[:, None]  # (R, 1, W, W)
-            if self.encoder.config._attn_implementation == "eager":  # eager adds the mask to the scores
-                lowest = torch.finfo(torch.float32).min
-                block = torch.zeros(block.shape, device=block.device).masked_fill(~block, lowest)
-            hidden = self.encoder(input_ids=input_ids, attention_mask=block,
-                                  position_ids=position_ids).last_hidden_state
+            mask = block_mask(segments, self.encoder.config._attn_implementation)
+            hidden = self.encoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])  # (R * W, H)
             if self.pooler == "mean":
                 tokens = segments.reshape(-1) >= 0
@@ -192,9 +141,9 @@ class SimCSE(Objective):
                 sums = flat.new_zeros(len(starts), flat.shape[-1]).index_add_(0, owner, flat[tokens])
                 counts = torch.bincount(owner, minlength=len(starts)).clamp(min=1)
                 return sums / counts.unsqueeze(-1).to(sums.dtype)
-            cls_state = flat[starts]  # (N, H)
             if self.use_own_pooler:
-                return self.encoder.pooler(cls_state.unsqueeze(1))  # the pooler reads position 0
+                return pooled_first_tokens(self.encoder, hidden, starts)
+            cls_state = flat[starts]  # (N, H)
         return self.mlp(cls_state) if self.mlp is not None else cls_state
 
     def _embed_with_seeded_dropout(self, views: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
