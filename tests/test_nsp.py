@@ -209,7 +209,7 @@ def test_mlm_nsp_collator_masks_only_real_tokens_and_is_seeded(corpus_and_tokeni
 
     cfg, _, _, tok = corpus_and_tokenizer
     examples, _ = build(corpus_and_tokenizer, dupe_factor=2)
-    objective = MaskedLMWithNSP(model_cfg=cfg.model, tokenizer=tok, hardware=cfg.hardware)
+    objective = MaskedLMWithNSP(model_cfg=cfg.model, tokenizer=tok, hardware=cfg.hardware, packed=False)
     rows = examples["train"].with_format("numpy")[:64]
     rows["length"][:3] = 20  # some short pairs: the batch keeps its longest width
     batch = objective.build_collator()(rows, torch.Generator().manual_seed(0))
@@ -227,6 +227,40 @@ def test_mlm_nsp_collator_masks_only_real_tokens_and_is_seeded(corpus_and_tokeni
     assert {"loss", "mlm_loss", "masked_acc", "nsp_loss", "nsp_acc"} <= set(out.metrics)
     assert torch.isclose(out.loss, out.metrics["mlm_loss"][0] / out.metrics["mlm_loss"][1]
                          + out.metrics["nsp_loss"][0] / out.metrics["nsp_loss"][1])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["nsp", "mlm_nsp"])
+def test_packed_pairs_give_the_padded_losses_and_metrics(corpus_and_tokenizer, name, attn):
+    """packed=true (default): pairs share rows with a block-diagonal mask and positions from 0 in
+    each pair; without dropout the losses and metrics equal those of padded rows (mlm_nsp: the same
+    masking draws, then packed)."""
+    from omegaconf import OmegaConf
+
+    from ssltrain.objectives.mlm_nsp import MaskedLMWithNSP
+    from ssltrain.objectives.nsp import NextSentencePrediction
+
+    cfg, _, _, tok = corpus_and_tokenizer
+    examples, _ = build(corpus_and_tokenizer, dupe_factor=2)
+    train = examples["train"].with_format("numpy")
+    rows = train[np.argsort(train["length"][:])[:16].tolist()]  # the shortest pairs: several per row
+    hardware = OmegaConf.merge(cfg.hardware, {"attn_implementation": attn})
+    cls = {"nsp": NextSentencePrediction, "mlm_nsp": MaskedLMWithNSP}[name]
+    torch.manual_seed(0)
+    objective = cls(model_cfg=cfg.model, tokenizer=tok, hardware=hardware).eval()
+    collator = objective.build_collator()
+    assert collator.packed
+    packed = collator(rows, torch.Generator().manual_seed(0))
+    collator.packed = False
+    padded = collator(rows, torch.Generator().manual_seed(0))
+    assert packed["input_ids"].shape[0] < 16 == padded["input_ids"].shape[0]
+    assert packed["attention_mask"].sum() == padded["attention_mask"].sum()
+    with torch.no_grad():
+        a, b = objective(padded), objective(packed)
+    assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-5) and a.num_tokens == b.num_tokens
+    for key, (total, count) in a.metrics.items():
+        assert b.metrics[key][1] == count
+        assert b.metrics[key][0].item() == pytest.approx(total.item(), rel=1e-5, abs=1e-6)
 
 
 # --- configs ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ssltrain.config import Spec
@@ -25,9 +26,11 @@ from ssltrain.objectives.nsp import (
     PAIR_PARAMS,
     SentencePairObjective,
     declare_token_types,
+    encode_packed,
     pair_columns,
     pair_metrics,
 )
+from ssltrain.objectives.packing import can_pack, pack, pooled_first_tokens
 
 # *ForPreTraining classes with an MLM head and a binary sentence-pair head: model type ->
 # (MLM head module, pair head module) by attribute path, for the sparse MLM head.
@@ -50,14 +53,23 @@ def _module(model, path: str):
 
 @dataclass
 class MaskedPairCollator(MLMCollator):
-    """Sentence pairs -> padded tensors + BERT masking ("labels": original ids at masked positions)."""
+    """Sentence pairs -> padded tensors + BERT masking ("labels": original ids at masked positions).
+    packed=True: masked as padded rows (the same draws), then packed (objectives/packing.py)."""
+
+    packed: bool = False
 
     def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = pair_columns(columns)
         # Padding is never a prediction target.
         batch["input_ids"], batch["labels"] = self.mask(batch["input_ids"], generator,
                                                         never=batch["attention_mask"] == 0)
-        return batch
+        if not self.packed:
+            return batch
+        lengths = batch["attention_mask"].sum(1).tolist()
+        rows = {k: batch[k].numpy() for k in ("input_ids", "token_type_ids", "labels")}
+        capacity = np.asarray(columns["input_ids"]).shape[1]  # the stored seq_len, not the batch's longest
+        return {**pack(rows, lengths, fill={"labels": IGNORE_INDEX}, capacity=capacity),
+                "next_sentence_label": batch["next_sentence_label"]}
 
 
 class MaskedLMWithNSP(SentencePairObjective):
@@ -85,7 +97,7 @@ class MaskedLMWithNSP(SentencePairObjective):
 
     def __init__(self, *, model_cfg, tokenizer, hardware, mask_prob: float = 0.15, replace_with_mask: float = 0.8,
                  replace_with_random: float = 0.1, sparse_head: bool = True, pair_task: str = "nsp",
-                 short_seq_prob: float = 0.1, dupe_factor: int = 5):
+                 short_seq_prob: float = 0.1, dupe_factor: int = 5, packed: bool = True):
         super().__init__()
         from transformers import AutoModelForPreTraining
 
@@ -100,6 +112,8 @@ class MaskedLMWithNSP(SentencePairObjective):
         self.heads = tuple(_module(self.model, path) for path in heads)
         # The vocabulary projection at masked positions only: same loss, ~mask_prob of the compute.
         self.sparse_head = sparse_head and len(self.heads) == 2 and all(h is not None for h in self.heads)
+        # Packed rows run the heads apart from the model, as the sparse head does.
+        self.collator.packed = packed and self.sparse_head and can_pack(self.model.config)
 
     def build_collator(self) -> MaskedPairCollator:
         return self.collator
@@ -108,9 +122,16 @@ class MaskedLMWithNSP(SentencePairObjective):
         return self.model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        labels = batch["labels"]  # (B, L), IGNORE_INDEX where not masked
+        labels = batch["labels"]  # (B, L), IGNORE_INDEX where not masked; packed: (R, W)
         inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}  # (B, L) each
-        if self.sparse_head:
+        if "segments" in batch:  # packed rows: masked positions and each pair's first token
+            base = self.model.base_model
+            hidden = encode_packed(base, batch)  # (R, W, H)
+            selected = labels != IGNORE_INDEX
+            mlm_logits = self.heads[0](hidden[selected])  # (N, V)
+            labels = labels[selected]
+            pair_logits = self.heads[1](pooled_first_tokens(base, hidden, batch["starts"]))  # (B, 2)
+        elif self.sparse_head:
             out = self.model.base_model(**inputs)
             selected = labels != IGNORE_INDEX  # (B, L)
             mlm_logits = self.heads[0](out.last_hidden_state[selected])  # (N, V): masked positions only

@@ -7,6 +7,8 @@ create_pretraining_data.py built them statically): half with B the true next seg
 document, half with B a random segment of another document (pair_task=nsp) or with the two
 consecutive segments swapped (pair_task=sop). A binary head on the pooled [CLS] state
 predicts which; the loss is cross-entropy over pairs. objective=mlm_nsp (mlm_nsp.py) adds MLM.
+With packed=true (default) short pairs share rows under a block-diagonal mask (objectives/packing.py):
+the same losses as padded rows, fewer positions.
 """
 
 from __future__ import annotations
@@ -22,33 +24,50 @@ from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput, compatible_models
 from ssltrain.objectives.functional import token_cross_entropy
+from ssltrain.objectives.packing import block_mask, can_pack, pack, pooled_first_tokens
 
 PAIR_PARAMS = {
     "pair_task": Spec(choices=("nsp", "sop")),
     "short_seq_prob": PROBABILITY,
     "dupe_factor": POSITIVE,
+    "packed": Spec(bool),
 }
 
 
-def pair_columns(columns: dict) -> dict[str, torch.Tensor]:
+def pair_columns(columns: dict, packed: bool = False) -> dict[str, torch.Tensor]:
     """Stored pairs (padded to seq_len) -> tensors cut to the batch's longest pair, with an
-    attention mask. input_ids/token_type_ids/attention_mask (B, L) long; next_sentence_label (B,)."""
+    attention mask. input_ids/token_type_ids/attention_mask (B, L) long; next_sentence_label (B,).
+    packed=True: pairs share rows instead (objectives/packing.py): (R, W) tensors plus position_ids,
+    segments and starts."""
     lengths = torch.as_tensor(np.asarray(columns["length"]), dtype=torch.long)  # (B,)
+    labels = torch.as_tensor(np.asarray(columns["pair_label"]), dtype=torch.long)
+    if packed:
+        stored = {k: np.asarray(columns[k]) for k in ("input_ids", "token_type_ids")}
+        return {**pack(stored, lengths.tolist()), "next_sentence_label": labels}
     width = int(lengths.max())
     input_ids = torch.as_tensor(np.asarray(columns["input_ids"])[:, :width], dtype=torch.long)
     token_type_ids = torch.as_tensor(np.asarray(columns["token_type_ids"])[:, :width], dtype=torch.long)
     attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    labels = torch.as_tensor(np.asarray(columns["pair_label"]), dtype=torch.long)
     return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
             "next_sentence_label": labels}
 
 
 @dataclass
 class PairCollator:
-    """Sentence pairs -> padded tensors. Deterministic: the pairs were drawn when they were built."""
+    """Sentence pairs -> padded (or packed) tensors. Deterministic: the pairs were drawn when they were built."""
+
+    packed: bool = False
 
     def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return pair_columns(columns)
+        return pair_columns(columns, self.packed)
+
+
+def encode_packed(encoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Packed pair rows through the encoder (block-diagonal mask, positions from 0 in each pair):
+    the last hidden states, (R, W, H)."""
+    mask = block_mask(batch["segments"], encoder.config._attn_implementation)
+    return encoder(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"], attention_mask=mask,
+                   position_ids=batch["position_ids"]).last_hidden_state
 
 
 class SentencePairObjective(Objective):
@@ -137,7 +156,7 @@ class NextSentencePrediction(SentencePairObjective):
         return tuple(sorted(MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES))
 
     def __init__(self, *, model_cfg, tokenizer, hardware, pair_task: str = "nsp", short_seq_prob: float = 0.1,
-                 dupe_factor: int = 5):
+                 dupe_factor: int = 5, packed: bool = True):
         super().__init__()
         from transformers import AutoModelForNextSentencePrediction
 
@@ -145,17 +164,23 @@ class NextSentencePrediction(SentencePairObjective):
                                     hardware.attn_implementation)
         declare_token_types(tokenizer)
         self.pair_task = pair_task
+        # Packed rows need the pair head apart from the model (BERT: cls, on the pooled first token).
+        self.pair_head = getattr(self.model, "cls", None)
+        self.packed = packed and self.pair_head is not None and can_pack(self.model.config)
 
     def build_collator(self) -> PairCollator:
-        return PairCollator()
+        return PairCollator(packed=self.packed)
 
     def export_model(self):
         return self.model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        input_ids = batch["input_ids"]  # (B, L)
-        logits = self.model(input_ids=input_ids, token_type_ids=batch["token_type_ids"],
-                            attention_mask=batch["attention_mask"]).logits  # (B, 2)
+        if "segments" in batch:  # packed rows (R, W)
+            encoder = self.model.base_model
+            logits = self.pair_head(pooled_first_tokens(encoder, encode_packed(encoder, batch), batch["starts"]))
+        else:
+            logits = self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                attention_mask=batch["attention_mask"]).logits  # (B, 2)
         loss_sum, n, metrics = pair_metrics(logits, batch["next_sentence_label"], self.pair_task)
         return ObjectiveOutput(
             loss=loss_sum / n.clamp(min=1),

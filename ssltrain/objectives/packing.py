@@ -45,13 +45,14 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack(columns: dict[str, np.ndarray], lengths: list[int], fill: dict[str, int] | None = None
-         ) -> dict[str, torch.Tensor]:
+def pack(columns: dict[str, np.ndarray], lengths: list[int], fill: dict[str, int] | None = None,
+         capacity: int | None = None) -> dict[str, torch.Tensor]:
     """(B, L) arrays of the same B examples (the first lengths[i] entries of row i are real) -> the
-    same columns as (R, W) long tensors, padding = fill[name] (default 0), plus position_ids,
-    segments, starts (see the module docstring) and attention_mask (1 on real tokens)."""
+    same columns as (R, W) long tensors of rows of at most `capacity` tokens (default L: the stored
+    sequence length), padding = fill[name] (default 0), plus position_ids, segments, starts (see
+    the module docstring) and attention_mask (1 on real tokens)."""
     fill = fill or {}
-    capacity = next(iter(columns.values())).shape[1]
+    capacity = capacity or next(iter(columns.values())).shape[1]
     rows = pack_rows(lengths, capacity)
     width = max(sum(lengths[i] for i in row) for row in rows)
     out = {name: np.full((len(rows), width), fill.get(name, 0), dtype=np.int64) for name in columns}
