@@ -185,6 +185,15 @@ def trainer_state(checkpoint: Path) -> dict:
 
 STEP3, STEP6 = "checkpoints/step-00000003", "checkpoints/step-00000006"
 
+def assert_resumed_exactly(first: Path, first_records: list[dict], resumed: Path, resumed_records: list[dict]) -> None:
+    """A run resumed from its step-3 checkpoint repeats steps 4-6 of the first run: the same losses and
+    bit-identical exported weights."""
+    after, expected = train_losses(resumed_records), train_losses(first_records)
+    assert sorted(after) == [4, 5, 6] and all(after[s] == expected[s] for s in after)
+    a = weights(first / "final" / "model.safetensors")
+    b = weights(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 
 @pytest.fixture(scope="module")
 def fsdp_and_ddp(cache_dir, tmp_path_factory):
@@ -235,11 +244,7 @@ def test_fsdp_resume_from_a_checkpoint_is_exact(fsdp_and_ddp, cache_dir):
     tmp, fsdp, _ = fsdp_and_ddp
     resumed = launch(tmp / "resumed", cache_dir, tmp, *FSDP_CPU, f"trainer.resume={tmp / 'fsdp' / STEP3}")
     assert next(r for r in resumed if r["kind"] == "resume")["step"] == 3
-    after, expected = train_losses(resumed), train_losses(fsdp)
-    assert sorted(after) == [4, 5, 6] and all(after[s] == expected[s] for s in after)
-    a = weights(tmp / "fsdp" / "final" / "model.safetensors")
-    b = weights(tmp / "resumed" / "final" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_exactly(tmp / "fsdp", fsdp, tmp / "resumed", resumed)
 
 
 @pytest.mark.slow
@@ -269,11 +274,7 @@ def test_fsdp1_sharded_checkpoints_hold_one_shard_per_rank_and_resume_exactly(ca
     assert len(shards) == 2 and all(0.3 < s / sum(sizes) < 0.7 for s in sizes), sizes
 
     resumed = launch(tmp_path / "resumed", cache_dir, tmp_path, *settings, f"trainer.resume={checkpoint}")
-    after, expected = train_losses(resumed), train_losses(first)
-    assert sorted(after) == [4, 5, 6] and all(after[s] == expected[s] for s in after)
-    a = weights(tmp_path / "first" / "final" / "model.safetensors")
-    b = weights(tmp_path / "resumed" / "final" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_exactly(tmp_path / "first", first, tmp_path / "resumed", resumed)
 
 
 @pytest.mark.slow
