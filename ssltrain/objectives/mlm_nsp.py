@@ -26,11 +26,10 @@ from ssltrain.objectives.nsp import (
     PAIR_PARAMS,
     SentencePairObjective,
     declare_token_types,
-    encode_packed,
     pair_columns,
     pair_metrics,
 )
-from ssltrain.objectives.packing import can_pack, pack, pooled_first_tokens
+from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
 
 # *ForPreTraining classes with an MLM head and a binary sentence-pair head: model type ->
 # (MLM head module, pair head module) by attribute path, for the sparse MLM head.

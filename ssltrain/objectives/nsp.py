@@ -24,7 +24,7 @@ from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput, compatible_models
 from ssltrain.objectives.functional import token_cross_entropy
-from ssltrain.objectives.packing import block_mask, can_pack, pack, pooled_first_tokens
+from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
 
 PAIR_PARAMS = {
     "pair_task": Spec(choices=("nsp", "sop")),
@@ -60,14 +60,6 @@ class PairCollator:
 
     def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return pair_columns(columns, self.packed)
-
-
-def encode_packed(encoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Packed pair rows through the encoder (block-diagonal mask, positions from 0 in each pair):
-    the last hidden states, (R, W, H)."""
-    mask = block_mask(batch["segments"], encoder.config._attn_implementation)
-    return encoder(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"], attention_mask=mask,
-                   position_ids=batch["position_ids"]).last_hidden_state
 
 
 class SentencePairObjective(Objective):

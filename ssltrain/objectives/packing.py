@@ -86,6 +86,14 @@ def block_mask(segments: torch.Tensor, attn_implementation: str) -> torch.Tensor
     return block
 
 
+def encode_packed(encoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Packed rows through a transformers encoder (block-diagonal mask, positions from 0 in each
+    example; token_type_ids when the batch has them): the last hidden states, (R, W, H)."""
+    mask = block_mask(batch["segments"], encoder.config._attn_implementation)
+    return encoder(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"), attention_mask=mask,
+                   position_ids=batch["position_ids"]).last_hidden_state
+
+
 def pooled_first_tokens(encoder, hidden: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     """The encoder's own pooler (BERT: dense + tanh on the first token) applied to each example's
     first token of packed (R, W, H) states -> (N, H)."""

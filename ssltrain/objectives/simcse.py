@@ -37,7 +37,7 @@ from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.contrastive import alignment_uniformity, gather_with_grad, info_nce
 from ssltrain.objectives.nsp import check_trained_tokenizer_has_cls_sep
-from ssltrain.objectives.packing import block_mask, can_pack, pack, pooled_first_tokens
+from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
 
 POOLERS = ("cls_mlp", "cls", "mean")
 
@@ -132,8 +132,8 @@ class SimCSE(Objective):
                 return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             cls_state = hidden[:, 0]
         else:
-            mask = block_mask(segments, self.encoder.config._attn_implementation)
-            hidden = self.encoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+            hidden = encode_packed(self.encoder, {"input_ids": input_ids, "position_ids": position_ids,
+                                                  "segments": segments})  # (R, W, H)
             flat = hidden.reshape(-1, hidden.shape[-1])  # (R * W, H)
             if self.pooler == "mean":
                 tokens = segments.reshape(-1) >= 0
