@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -78,8 +80,9 @@ def test_ranks_see_disjoint_examples_and_batches_do_not_depend_on_workers():
     per_rank = [BatchDataset(ds, Echo(), 4, seed=1, epoch=0, rank=r, world_size=2) for r in range(2)]
     seen = [set(torch.cat([per_rank[r][b]["x"] for b in range(len(per_rank[r]))]).tolist()) for r in range(2)]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 40
-    inline = [b["r"].item() for b in make_loader(per_rank[0], 0, num_workers=0, pin_memory=False)]
-    workers = [b["r"].item() for b in make_loader(per_rank[0], 0, num_workers=2, pin_memory=False)]
+    batches = range(len(per_rank[0]))
+    inline = [b["r"].item() for b in make_loader(per_rank[0], batches, num_workers=0, pin_memory=False)]
+    workers = [b["r"].item() for b in make_loader(per_rank[0], batches, num_workers=2, pin_memory=False)]
     assert inline == workers
     assert BatchDataset(ds, Echo(), 4, seed=1, epoch=1).order.tolist() != per_rank[0].order.tolist()
 
@@ -96,6 +99,30 @@ def test_resuming_at_a_data_position_continues_the_same_stream():
     resumed = train_batches(make, DataPosition(epoch=1, batch=2), 0, False)
     assert [next(resumed)["x"].tolist() for _ in range(5)] == full[7:]
     assert (full_pos.epoch, full_pos.batch) == (2, 2)
+
+
+class EchoPid(Echo):
+    """Echo plus the id of the process that collated the batch."""
+
+    def __call__(self, columns, generator):
+        return {**super().__call__(columns, generator), "pid": torch.tensor(os.getpid())}
+
+
+def test_one_set_of_workers_serves_every_epoch_with_the_same_batches():
+    """Worker processes start once per run, not once per epoch (a restart stalls the GPU), and the
+    batches are still each epoch's own, in order, whatever the number of workers."""
+    ds = examples(20)
+
+    def make(epoch):
+        return BatchDataset(ds, EchoPid(), 4, seed=3, epoch=epoch)
+
+    expected = [make(e)[b]["x"].tolist() for e in range(3) for b in range(5)]
+    stream = train_batches(make, DataPosition(), num_workers=2, pin_memory=False)
+    got = [next(stream) for _ in range(15)]  # three epochs of five micro-batches
+    assert [b["x"].tolist() for b in got] == expected
+    pids = {int(b["pid"]) for b in got}
+    assert len(pids) == 2 and os.getpid() not in pids, pids
+    stream.close()
 
 
 def test_trained_tokenizers_round_trip_through_save_pretrained(tmp_path):

@@ -10,7 +10,8 @@ replay of earlier batches: the position in the data is two integers.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,11 +99,37 @@ class DataPosition:
         return cls(state["epoch"], state["batch"])
 
 
-def make_loader(dataset: BatchDataset, start: int, num_workers: int, pin_memory: bool):
-    """A DataLoader over micro-batches start..end of the epoch. The DataLoader draws its worker
-    base seed from its own generator, so it never consumes the global torch RNG (dropout)."""
+class RunBatches(torch.utils.data.Dataset):
+    """Micro-batch k of the whole run: batch k % per_epoch of epoch k // per_epoch, from
+    make_dataset(epoch) (every epoch has the same number of batches). One DataLoader over it serves
+    every epoch, so its workers start once per run rather than once per epoch: with a small corpus
+    and a GPU-sized batch an epoch lasts seconds, and each restart would leave the GPU waiting for
+    the new workers' first batches."""
+
+    def __init__(self, make_dataset: Callable[[int], BatchDataset]):
+        self.make_dataset = make_dataset
+        self._epoch, self._dataset = 0, make_dataset(0)
+        self.per_epoch = len(self._dataset)
+
+    def epoch_dataset(self, epoch: int) -> BatchDataset:
+        if epoch != self._epoch:  # each worker keeps the epoch it is in (one permutation, built once)
+            dataset = self.make_dataset(epoch)
+            if len(dataset) != self.per_epoch:
+                raise ValueError(f"epoch {epoch} has {len(dataset)} micro-batches, epoch 0 had {self.per_epoch}")
+            self._epoch, self._dataset = epoch, dataset
+        return self._dataset
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        epoch, b = divmod(k, self.per_epoch)
+        return self.epoch_dataset(epoch)[b]
+
+
+def make_loader(dataset: torch.utils.data.Dataset, indices: Iterable[int], num_workers: int, pin_memory: bool):
+    """A DataLoader over dataset[i] for i in `indices` (an iterable: itertools.count for a whole run).
+    The DataLoader draws its worker base seed from its own generator, so it never consumes the
+    global torch RNG (dropout)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
+        dataset, batch_size=None, sampler=indices, num_workers=num_workers,
         pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
         persistent_workers=False, prefetch_factor=4 if num_workers else None,
     )
@@ -111,15 +138,14 @@ def make_loader(dataset: BatchDataset, start: int, num_workers: int, pin_memory:
 def train_batches(make_dataset: Callable[[int], BatchDataset], position: DataPosition, num_workers: int,
                   pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches from `position` on, advancing `position` in place after each one."""
-    while True:
-        dataset = make_dataset(position.epoch)
-        if len(dataset) == 0:
-            raise ValueError("the training split has fewer examples than one global micro-batch")
-        for batch in make_loader(dataset, position.batch, num_workers, pin_memory):
-            position.batch += 1
-            yield batch
-        position.epoch += 1
-        position.batch = 0
+    run = RunBatches(make_dataset)
+    if run.per_epoch == 0:
+        raise ValueError("the training split has fewer examples than one global micro-batch")
+    start = position.epoch * run.per_epoch + position.batch
+    loader = make_loader(run, itertools.count(start), num_workers, pin_memory)
+    for k, batch in enumerate(loader, start=start + 1):
+        position.epoch, position.batch = divmod(k, run.per_epoch)
+        yield batch
 
 
 class IndexedTrainData:
