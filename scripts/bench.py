@@ -32,6 +32,7 @@ the total; --trace FILE also writes the Chrome trace (chrome://tracing, Perfetto
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -39,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,13 +49,12 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ssltrain.compile import compile_objective
-from ssltrain.config import validate_config
-from ssltrain.data.loader import BatchDataset
-from ssltrain.objectives import build_objective, functional, objective_class
-from ssltrain.optim import build_optimizer, build_scheduler
+from ssltrain.cli import one_line, preflight
+from ssltrain.data.loader import DataPosition, build_train_data
+from ssltrain.errors import UserError
+from ssltrain.objectives import functional
 from ssltrain.paths import config_dir
-from ssltrain.train import build_accelerator, prepare_data, train
+from ssltrain.train import TrainStep, build_training, train
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
@@ -129,46 +130,51 @@ def measure(step, warmup: int, steps: int, device: torch.device) -> tuple[float,
     return tokens / elapsed, elapsed / steps, peak
 
 
+class CountedBatches:
+    """The micro-batches of `batches`, counting their input positions (tokens) as they pass."""
+
+    def __init__(self, batches: Iterator[dict]):
+        self.batches, self.tokens = batches, 0
+
+    def __iter__(self) -> CountedBatches:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.batches)
+        self.tokens += batch["input_ids"].numel()
+        return batch
+
+
 def build_ssltrain_step(cfg, prebuilt: int = 0) -> dict:
-    """ssltrain's step for cfg, built as `ssltrain` builds it (hardware.compile included). Returns
-    {"step": () -> tokens, "device", "model" (the export model), "tokenizer", "examples"}.
+    """ssltrain's step for cfg: the loop's own TrainStep over the loop's own training batches
+    (DataLoader with the hardware group's workers and pinned memory), built by the loop's own
+    build_training (hardware.compile included). Returns {"step": () -> tokens, "device", "model"
+    (the export model), "tokenizer", "examples"}.
     prebuilt > 0: the step cycles over that many micro-batches collated and moved up front, so it
     is the bare forward/backward/clip/optimizer step with no data loading or collator in it."""
-    accelerator = build_accelerator(cfg.hardware)
-    tokenizer, examples = prepare_data(cfg, accelerator, objective_class(cfg.objective))
-    torch.manual_seed(cfg.seed)
-    objective = build_objective(cfg, tokenizer, examples)
-    compile_objective(objective, cfg.hardware)
-    optimizer = build_optimizer(objective, cfg.optimizer, fused=cfg.hardware.fused_optimizer)
-    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.trainer.max_steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    t = cfg.trainer
-    data = BatchDataset(examples["train"].with_format("numpy"), accelerator.unwrap_model(objective).build_collator(),
-                        t.micro_batch_size, seed=cfg.seed, epoch=0)
-    accum = t.batch_size // t.micro_batch_size
+    training = build_training(cfg)
+    accelerator, t = training.accelerator, cfg.trainer
     device = accelerator.device
+    unwrapped = accelerator.unwrap_model(training.objective)
+    train_data = build_train_data(training.examples["train"], unwrapped.build_collator(), t.micro_batch_size,
+                                  seed=cfg.seed, rank=0, world_size=1)
+    workers = 0 if prebuilt else cfg.hardware.num_workers
+    source = train_data.batches(DataPosition(), workers, cfg.hardware.pin_memory and not prebuilt)
     if prebuilt:
-        ready = [{k: v.to(device) for k, v in data[i % len(data)].items()} for i in range(prebuilt)]
-        batches = itertools.cycle(ready)
+        ready = [{k: v.to(device) for k, v in next(source).items()} for _ in range(prebuilt)]
+        batches = CountedBatches(itertools.cycle(ready))
     else:
-        batches = (data[i % len(data)] for i in itertools.count())
+        batches = CountedBatches(source)
+    run_step = TrainStep(training, batches, max_steps=t.max_steps, grad_clip=cfg.optimizer.grad_clip)
+    steps = itertools.count()
 
     def step() -> int:
-        """The loop's step: objective forward (its own head and loss), backward, clip, step."""
-        tokens = 0
-        for _ in range(accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            out = objective(batch)
-            accelerator.backward(out.loss / accum)
-            tokens += batch["input_ids"].numel()
-        accelerator.clip_grad_norm_(objective.parameters(), cfg.optimizer.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return tokens
+        before = batches.tokens
+        run_step(next(steps))
+        return batches.tokens - before
 
-    return {"step": step, "device": device, "model": accelerator.unwrap_model(objective).export_model(),
-            "tokenizer": tokenizer, "examples": examples}
+    return {"step": step, "device": device, "model": unwrapped.export_model(), "tokenizer": training.tokenizer,
+            "examples": training.examples, "batches": source}
 
 
 def real_loop_windows(cfg, windows: int) -> list[tuple[int, float]]:
@@ -198,6 +204,7 @@ def loop_overhead(cfg, rounds: int, windows: int) -> dict:
     for _ in range(rounds):
         bench = build_ssltrain_step(cfg, prebuilt=8)
         bare += [measure(bench["step"], 2 if i == 0 else 0, every, bench["device"])[0] for i in range(windows)]
+        release(bench)
         loop += [tokens / seconds for tokens, seconds in real_loop_windows(cfg, windows)]
 
     def overhead(bare_tps: float, loop_tps: float) -> float:
@@ -270,6 +277,90 @@ def profile_step(step, steps: int, device: torch.device, top: int = 15, trace: s
                     for e in rows]}
 
 
+def release(bench: dict) -> None:
+    """Free one measured configuration before the next is built in this process: its data workers,
+    its GPU memory and dynamo's compiled code (each variant compiles afresh)."""
+    bench["batches"].close()
+    bench.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def measure_variant(cfg, args, baseline: dict | None) -> tuple[dict, dict]:
+    """Time ssltrain's step for cfg (and the HF baseline when `baseline` is an empty dict, which it
+    fills with the baseline's measurement for later variants); returns (result, bench)."""
+    bench = build_ssltrain_step(cfg)
+    t = cfg.trainer
+    device, model = bench["device"], bench["model"]
+    flops = flops_per_token(model, t.seq_len)
+    peak = peak_tflops(device, args.peak_tflops)
+    runs = {"ssltrain": measure(bench["step"], args.warmup, args.steps, device)}
+    if baseline is not None and not baseline:
+        hf_model, hf_step = hf_baseline_step(cfg, model.config, bench["tokenizer"], bench["examples"], device,
+                                             t.micro_batch_size, t.batch_size // t.micro_batch_size)
+        baseline.update(measured=measure(hf_step, args.warmup, args.steps, device), flops=flops,
+                        model=cfg.model.name, seq_len=t.seq_len, batch_size=t.batch_size)
+        del hf_model, hf_step
+    rows = {"ssltrain": rate_row(runs["ssltrain"], flops, peak)}
+    if baseline:
+        rows["hf_baseline"] = rate_row(baseline["measured"], baseline["flops"], peak)
+
+    result = {
+        "objective": cfg.objective._target_.rsplit(".", 1)[-1], "model": cfg.model.name,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "precision": cfg.hardware.mixed_precision, "compile": cfg.hardware.compile,
+        "compile_loss": cfg.hardware.compile_loss, "seq_len": t.seq_len,
+        "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size, "flops_per_token": flops, **rows,
+    }
+    if baseline:
+        result["speedup_vs_hf"] = round(rows["ssltrain"]["tokens_per_s"] / rows["hf_baseline"]["tokens_per_s"], 3)
+        if (baseline["model"], baseline["seq_len"]) != (cfg.model.name, t.seq_len):
+            result["baseline_config"] = {k: baseline[k] for k in ("model", "seq_len", "batch_size")}
+    if args.overhead:
+        result["loop_overhead"] = loop_overhead(cfg, args.overhead_rounds, args.overhead_windows)
+    if args.profile:
+        result["profile"] = profile_step(bench["step"], args.profile, device, trace=args.trace)
+    if args.loss:
+        result["loss"] = loss_timings(t.micro_batch_size, t.seq_len, model.config.vocab_size, len(bench["tokenizer"]),
+                                      device, cfg.hardware.mixed_precision)
+    return result, bench
+
+
+def rate_row(measured: tuple[float, float, float | None], flops: float, peak: float | None) -> dict:
+    tokens_per_s, step_s, peak_gib = measured
+    achieved = tokens_per_s * flops
+    return {"tokens_per_s": round(tokens_per_s, 1), "step_time_ms": round(1000 * step_s, 2),
+            "achieved_tflops": round(achieved / 1e12, 4),
+            "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
+            "peak_memory_gib": round(peak_gib, 2) if peak_gib is not None else None}
+
+
+def print_table(result: dict) -> None:
+    runs = [name for name in ("ssltrain", "hf_baseline") if name in result]
+    head = {k: v for k, v in result.items() if not isinstance(v, dict)}
+    for key, value in head.items():
+        print(f"{key:<16} {value}")
+    print(f"\n{'':<16} " + " ".join(f"{n:>14}" for n in runs))
+    for metric in result[runs[0]]:
+        print(f"{metric:<16} " + " ".join(f"{str(result[n][metric]):>14}" for n in runs))
+    if "loop_overhead" in result:
+        print("\nloop overhead (real loop vs bare step)")
+        for key, value in result["loop_overhead"].items():
+            print(f"{key:<20} {value}")
+    if "profile" in result:
+        prof = result["profile"]
+        print(f"\nprofile: self {prof['time']} time per step, {prof['total_ms_per_step']} ms in all operators")
+        for row in prof["top"]:
+            share, calls = 100 * row["share"], row["calls_per_step"]
+            print(f"{row['ms_per_step']:>10.3f} ms {share:>6.1f}% {calls:>7} calls  {row['op']}")
+    if "loss" in result:
+        print("\ntoken cross-entropy alone, forward + backward")
+        for key, value in result["loss"].items():
+            print(f"{key:<20} {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="ssltrain config overrides")
@@ -277,7 +368,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain Hugging Face baseline")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (per variant) instead of a table")
+    parser.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
+                        help="measure ssltrain with these extra overrides (space-separated; '' for none) on top of "
+                             "the positional ones, in this process; repeatable (see above)")
     parser.add_argument("--overhead", action="store_true",
                         help="also measure the real loop's overhead over the bare step (see above)")
     parser.add_argument("--loss", action="store_true",
@@ -290,72 +384,33 @@ def main() -> None:
                         help="timed windows of trainer.log_every steps per round and kind")
     args = parser.parse_args()
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=args.overrides)
-    validate_config(cfg)
-    if args.loss and cfg.data.modality != "text":
-        parser.error(f"--loss times the token cross-entropy of language objectives; data={cfg.data.source} is "
-                     f"{cfg.data.modality}")
-    bench = build_ssltrain_step(cfg)
-    t = cfg.trainer
-    accum = t.batch_size // t.micro_batch_size
-    device, model = bench["device"], bench["model"]
-    flops = flops_per_token(model, t.seq_len)
-    peak = peak_tflops(device, args.peak_tflops)
-    runs = {"ssltrain": measure(bench["step"], args.warmup, args.steps, device)}
-    if not args.no_baseline:
-        _, baseline = hf_baseline_step(cfg, model.config, bench["tokenizer"], bench["examples"], device,
-                                       t.micro_batch_size, accum)
-        runs["hf_baseline"] = measure(baseline, args.warmup, args.steps, device)
-
-    def row(name: str) -> dict:
-        tokens_per_s, step_s, peak_gib = runs[name]
-        achieved = tokens_per_s * flops
-        return {"tokens_per_s": round(tokens_per_s, 1), "step_time_ms": round(1000 * step_s, 2),
-                "achieved_tflops": round(achieved / 1e12, 4),
-                "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
-                "peak_memory_gib": round(peak_gib, 2) if peak_gib is not None else None}
-
-    result = {
-        "objective": cfg.objective._target_.rsplit(".", 1)[-1], "model": cfg.model.name,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "precision": cfg.hardware.mixed_precision, "compile": cfg.hardware.compile,
-        "compile_loss": cfg.hardware.compile_loss, "seq_len": t.seq_len,
-        "batch_size": t.batch_size, "flops_per_token": flops, **{name: row(name) for name in runs},
-    }
-    if "hf_baseline" in runs:
-        result["speedup_vs_hf"] = round(runs["ssltrain"][0] / runs["hf_baseline"][0], 3)
-    if args.overhead:
-        result["loop_overhead"] = loop_overhead(cfg, args.overhead_rounds, args.overhead_windows)
-    if args.profile:
-        result["profile"] = profile_step(bench["step"], args.profile, device, trace=args.trace)
-    if args.loss:
-        result["loss"] = loss_timings(t.micro_batch_size, t.seq_len, model.config.vocab_size, len(bench["tokenizer"]),
-                                      device, cfg.hardware.mixed_precision)
-    if args.json:
-        print(json.dumps(result))
-        return
-    head = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    for key, value in head.items():
-        print(f"{key:<16} {value}")
-    names = list(runs)
-    print(f"\n{'':<16} " + " ".join(f"{n:>14}" for n in names))
-    for metric in row(names[0]):
-        print(f"{metric:<16} " + " ".join(f"{str(result[n][metric]):>14}" for n in names))
-    if args.overhead:
-        print("\nloop overhead (real loop vs bare step)")
-        for key, value in result["loop_overhead"].items():
-            print(f"{key:<20} {value}")
-    if args.profile:
-        prof = result["profile"]
-        print(f"\nprofile: self {prof['time']} time per step, {prof['total_ms_per_step']} ms in all operators")
-        for row in prof["top"]:
-            share, calls = 100 * row["share"], row["calls_per_step"]
-            print(f"{row['ms_per_step']:>10.3f} ms {share:>6.1f}% {calls:>7} calls  {row['op']}")
-    if args.loss:
-        print("\ntoken cross-entropy alone, forward + backward")
-        for key, value in result["loss"].items():
-            print(f"{key:<20} {value}")
+    variants = args.variant or [""]
+    cfgs = []
+    for variant in variants:  # every variant composes and validates (as `ssltrain` would) before any is measured
+        overrides = [*args.overrides, *variant.split()]
+        try:
+            preflight(overrides)
+        except UserError as err:
+            parser.error(one_line(str(err)) + (f" (in --variant {variant!r})" if args.variant else ""))
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        if args.loss and cfg.data.modality != "text":
+            parser.error(f"--loss times the token cross-entropy of language objectives; data={cfg.data.source} "
+                         f"is {cfg.data.modality}")
+        cfgs.append(cfg)
+    baseline = None if args.no_baseline else {}
+    for i, (variant, cfg) in enumerate(zip(variants, cfgs)):
+        result, bench = measure_variant(cfg, args, baseline)
+        if args.variant:
+            result = {"variant": variant, **result}
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            if i:
+                print()
+            print_table(result)
+            sys.stdout.flush()
+        release(bench)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -132,19 +135,26 @@ def replica_checksums(accelerator, objective) -> list[float]:
     return broadcast_object_list([value], from_process=0)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Pretrain as configured; write records, checkpoints and the export under run_dir.
+@dataclass
+class Training:
+    """What a run trains with, built as `ssltrain` builds it (scripts/bench.py builds the same)."""
 
-    Returns {"run_dir", "step", "eval": final held-out metrics, "export": path or None}.
-    """
-    validate_config(cfg)
+    accelerator: Any
+    objective: torch.nn.Module  # prepared: DDP / FSDP wrapped where the hardware group says so
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any  # None for image data
+    examples: Any  # DatasetDict(train, validation) of the objective's examples
+    n_params: int
+    accum: int  # micro-batches per optimizer step on each process
+
+
+def build_training(cfg: DictConfig) -> Training:
+    """Accelerator, data, objective (compiled per hardware.compile), optimizer and scheduler for cfg.
+    Initial weights are the same on every rank; afterwards each rank has its own dropout stream."""
     accelerator = build_accelerator(cfg.hardware, cfg.trainer.micro_batch_size, cfg.optimizer.grad_clip)
-    run_dir = Path(_broadcast(str(Path(run_dir).resolve()), accelerator))
-    main = accelerator.is_main_process
     t = cfg.trainer
-    rank, world = accelerator.process_index, accelerator.num_processes
-    accum = t.batch_size // (t.micro_batch_size * world)
-
+    accum = t.batch_size // (t.micro_batch_size * accelerator.num_processes)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     tokenizer, examples = prepare_data(cfg, accelerator, objective_class(cfg.objective))
     objective = build_objective(cfg, tokenizer, examples)
@@ -153,8 +163,76 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optimizer, t.max_steps)
     n_params = sum(p.numel() for p in objective.parameters())  # before prepare: FSDP leaves each rank a shard
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    torch.manual_seed(derived_seed(cfg.seed, rank))  # per-rank dropout streams
-    hooks = accelerator.unwrap_model(objective)  # on_step / derived_metrics: the Objective's own methods
+    torch.manual_seed(derived_seed(cfg.seed, accelerator.process_index))  # per-rank dropout streams
+    return Training(accelerator, objective, optimizer, scheduler, tokenizer, examples, n_params, accum)
+
+
+@dataclass
+class StepResult:
+    finite: bool  # False: the loss or gradient was NaN/inf and the update was skipped
+    grad_norm: torch.Tensor | float  # before clipping
+    lr: float  # the learning rate the step used
+
+
+class TrainStep:
+    """One optimizer step of the loop: `accum` micro-batches forward and backward (gradients
+    synchronised on the last), clipping, and the optimizer and scheduler steps, skipped when the
+    gradient norm is not finite. scripts/bench.py times this same object.
+
+    Metrics accumulate as device tensors in `window` ({name: [sum, count]}, emptied by the caller)
+    and input tokens in `tokens` (a device scalar), so that a step syncs with the device only once:
+    on the finiteness of the gradient norm."""
+
+    def __init__(self, training: Training, batches: Iterator[dict[str, torch.Tensor]], *, max_steps: int,
+                 grad_clip: float):
+        self.training, self.batches, self.max_steps = training, batches, max_steps
+        self.max_norm = grad_clip if grad_clip > 0 else float("inf")
+        self.hooks = training.accelerator.unwrap_model(training.objective)  # on_step: the Objective's own
+        self.window: dict[str, list[torch.Tensor]] = {}
+        self.tokens = torch.zeros((), dtype=torch.float64, device=training.accelerator.device)
+
+    def __call__(self, step: int) -> StepResult:
+        tr = self.training
+        accelerator, objective, optimizer = tr.accelerator, tr.objective, tr.optimizer
+        self.hooks.on_step(step, self.max_steps)
+        for micro in range(tr.accum):
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(self.batches).items()}
+            sync = accelerator.no_sync(objective) if micro < tr.accum - 1 else contextlib.nullcontext()
+            with sync:
+                out = objective(batch)
+                accelerator.backward(out.loss / tr.accum)
+            accumulate(self.window, out.metrics)
+            self.tokens += out.num_tokens.detach()
+        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), self.max_norm)
+        lr = tr.scheduler.get_last_lr()[0]
+        if accelerator.scaler is not None:
+            optimizer.step()  # the fp16 scaler skips overflowing steps and lowers its scale itself
+            finite = not optimizer.step_was_skipped
+        else:
+            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))  # the one sync; DeepSpeed: a float
+            if finite:
+                optimizer.step()
+        if finite:
+            tr.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(finite, grad_norm, lr)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Pretrain as configured; write records, checkpoints and the export under run_dir.
+
+    Returns {"run_dir", "step", "eval": final held-out metrics, "export": path or None}.
+    """
+    validate_config(cfg)
+    training = build_training(cfg)
+    accelerator, objective, optimizer, scheduler = (training.accelerator, training.objective, training.optimizer,
+                                                    training.scheduler)
+    tokenizer, examples = training.tokenizer, training.examples
+    run_dir = Path(_broadcast(str(Path(run_dir).resolve()), accelerator))
+    main = accelerator.is_main_process
+    t = cfg.trainer
+    rank, world = accelerator.process_index, accelerator.num_processes
+    hooks = accelerator.unwrap_model(objective)  # derived_metrics: the Objective's own method
     reports_ppl = type(hooks).reports_perplexity
 
     tracker = RunTracker(run_dir, t.max_steps, enabled=main)
@@ -182,11 +260,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                               max_batches=t.eval_batches, seed=cfg.seed, accelerator=accelerator)
             return hooks.derived_metrics(values)
 
-        # Tokens this rank processed since start-up, kept on the device so counting never syncs.
-        local_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        batches = train_data.batches(position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
+        run_step = TrainStep(training, batches, max_steps=t.max_steps, grad_clip=cfg.optimizer.grad_clip)
 
-        def total_tokens() -> int:
-            return tokens_seen + int(accelerator.reduce(local_tokens.clone(), reduction="sum").item())
+        def total_tokens() -> int:  # every rank's tokens since the start of the run (collective)
+            return tokens_seen + int(accelerator.reduce(run_step.tokens.clone(), reduction="sum").item())
 
         def checkpoint() -> None:
             save_checkpoint(checkpoint_root, step, accelerator, objective, optimizer, scheduler,
@@ -197,42 +275,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
         first_examples = gather_object([train_data.first_examples(position, 4)])
         tracker.record("start", step, {
-            "world_size": world, "grad_accum": accum, "params": n_params, "train_examples": train_data.num_examples,
-            "validation_examples": len(val_examples),
+            "world_size": world, "grad_accum": training.accum, "params": training.n_params,
+            "train_examples": train_data.num_examples, "validation_examples": len(val_examples),
             "vocab": len(tokenizer) if tokenizer is not None else None, "rank_first_examples": first_examples,
         })
         if step == 0:
             tracker.record("eval", 0, run_eval())
 
-        batches = train_data.batches(position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
-        window: dict[str, list[torch.Tensor]] = {}
         window_start, window_tokens = time.perf_counter(), total_tokens()
         guard = NonFiniteGuard(t.max_nonfinite_in_row)
-        max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
         objective.train()
         with StopSignals() as stop:
             while step < t.max_steps:
-                hooks.on_step(step, t.max_steps)
-                for micro in range(accum):
-                    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
-                    sync = accelerator.no_sync(objective) if micro < accum - 1 else contextlib.nullcontext()
-                    with sync:
-                        out = objective(batch)
-                        accelerator.backward(out.loss / accum)
-                    accumulate(window, out.metrics)
-                    local_tokens += out.num_tokens.detach()
-                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
-                lr = scheduler.get_last_lr()[0]
-                if accelerator.scaler is not None:
-                    optimizer.step()  # the fp16 scaler skips overflowing steps and lowers its scale itself
-                    finite = not optimizer.step_was_skipped
-                else:
-                    finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))  # one sync per step; DeepSpeed: a float
-                    if finite:
-                        optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not guard.update(finite):
-                    window = {}
+                result = run_step(step)
+                if not guard.update(result.finite):
+                    run_step.window = {}
                     tracker.record("nonfinite", step, {"in_row": guard.in_row, "total": guard.total})
                     if guard.too_many:
                         last = latest_checkpoint(checkpoint_root)
@@ -241,17 +298,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                             f"gradient (trainer.max_nonfinite_in_row={t.max_nonfinite_in_row}); last good "
                             f"checkpoint: {last or 'none'}; try a lower optimizer.lr", EXIT_DIVERGED)
                     continue
-                scheduler.step()
                 step += 1
 
                 if step % t.log_every == 0 or step == t.max_steps:
-                    values = hooks.derived_metrics(reduce_metrics(window, accelerator, reports_ppl))
+                    values = hooks.derived_metrics(reduce_metrics(run_step.window, accelerator, reports_ppl))
                     seen = total_tokens()
                     elapsed = time.perf_counter() - window_start
-                    values.update(lr=lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9),
-                                  tokens_seen=seen, grad_norm=float(grad_norm), nonfinite_skipped=guard.total)
+                    values.update(lr=result.lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9),
+                                  tokens_seen=seen, grad_norm=float(result.grad_norm), nonfinite_skipped=guard.total)
                     tracker.record("train", step, values)
-                    window = {}
+                    run_step.window = {}
                     window_start, window_tokens = time.perf_counter(), seen
                 if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                     tracker.record("eval", step, run_eval())

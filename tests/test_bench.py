@@ -89,3 +89,29 @@ def test_bench_loss_and_profile_modes_time_the_cross_entropy_and_the_step_by_ope
     images = subprocess.run([*cmd[:-len(TINY) - 2], "objective=simclr"], capture_output=True, text=True,
                             env=env, timeout=300)
     assert images.returncode == 2 and "--loss times the token cross-entropy" in images.stderr
+
+
+@pytest.mark.slow
+def test_bench_variants_share_one_process_and_one_baseline(cache_dir):
+    """--variant measures several configurations in one process (no start-up, data or baseline cost
+    per configuration): one JSON line each, in order, all against the same HF baseline."""
+    import os
+
+    env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir)}
+    cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "--warmup", "1", "--steps", "1", "--json", *TINY,
+           "--variant", "", "--variant", "trainer.seq_len=32 trainer.micro_batch_size=8"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+    assert first["variant"] == "" and second["variant"] == "trainer.seq_len=32 trainer.micro_batch_size=8"
+    assert (first["seq_len"], first["micro_batch_size"]) == (64, 16)  # TINY's
+    assert (second["seq_len"], second["micro_batch_size"]) == (32, 8)
+    assert first["hf_baseline"]["tokens_per_s"] == second["hf_baseline"]["tokens_per_s"]
+    # the baseline ran with the first variant's shape; a line whose shape differs says so
+    assert "baseline_config" not in first and second["baseline_config"]["seq_len"] == 64
+    for result in (first, second):
+        assert result["speedup_vs_hf"] == pytest.approx(
+            result["ssltrain"]["tokens_per_s"] / result["hf_baseline"]["tokens_per_s"], rel=1e-2)
+    bad = subprocess.run([*cmd[:-1], "trainer.micro_batch_size=7"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert bad.returncode != 0 and not bad.stdout.strip()  # a bad variant stops before anything is measured
