@@ -157,3 +157,55 @@ def test_sparse_mlm_head_gives_the_dense_loss(compose, tiny_tokenizer):
     out_s.loss.backward(), out_d.loss.backward()
     for (name, p_s), p_d in zip(sparse.named_parameters(), dense.parameters()):
         assert torch.allclose(p_s.grad, p_d.grad, atol=1e-6), name
+
+
+class DataDependentShapes:
+    """Records the ops whose output shape depends on tensor values (nonzero, masked_select, indexing
+    with a bool mask): on a GPU each one copies a count to the host first, a sync that stalls the step."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        found = self.found = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+                name = str(func.overloadpacket)
+                if name in ("aten.nonzero", "aten.masked_select") or (
+                        name.startswith("aten.index") and any(t.dtype == torch.bool for t in tensors[1:])):
+                    found.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self.found
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_sparse_mlm_head_gathers_the_collators_positions_without_a_host_sync(compose, tiny_tokenizer):
+    """The collator lists the masked positions (on the CPU); the objective gathers them with no op whose
+    output shape depends on the data, and gets exactly the result of boolean indexing."""
+    from ssltrain.objectives import build_objective
+
+    torch.manual_seed(0)
+    objective = build_objective(compose(["trainer.seq_len=32"]), tiny_tokenizer)
+    objective.eval()
+    ids = torch.randint(5, len(tiny_tokenizer), (4, 32))
+    batch = objective.build_collator()({"input_ids": ids.numpy()}, torch.Generator().manual_seed(3))
+    selected = batch["labels"] != -100
+    assert batch["masked_positions"].tolist() == [i for i, s in enumerate(selected.flatten().tolist()) if s]
+    with DataDependentShapes() as found:
+        out = objective(batch)
+        out.loss.backward()
+    assert found == []
+    without = {k: v for k, v in batch.items() if k != "masked_positions"}  # a hand-made batch: positions derived
+    with DataDependentShapes() as found:
+        again = objective(without)
+    assert found and again.loss.item() == out.loss.item()
+    assert again.metrics["masked_acc"][0].item() == out.metrics["masked_acc"][0].item()

@@ -73,6 +73,19 @@ def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, *, mask_pro
     return masked, labels
 
 
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (N,) of the labelled positions of (B, T) labels, in row-major order (the order
+    of labels[labels != IGNORE_INDEX]). Collators compute them on the CPU, where they cost nothing:
+    on a GPU, boolean indexing must copy N to the host first, a sync that stalls the step."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) at flat positions (N,) -> (N, ...); with masked_positions(labels), the same
+    rows as x[labels != IGNORE_INDEX], without a device-to-host sync."""
+    return x.flatten(0, 1).index_select(0, positions)
+
+
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     """Targets for next-token prediction, aligned with the unshifted logits: position t's target is
     token t+1 and the last position has none. Shifting the labels, not the (B, T, V) logits, spares

@@ -16,12 +16,14 @@ from ssltrain.config import PROBABILITY, Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone, masked_lm_head
 from ssltrain.objectives.base import Objective, ObjectiveOutput
-from ssltrain.objectives.functional import IGNORE_INDEX, mask_tokens, token_cross_entropy
+from ssltrain.objectives.functional import gather_positions, mask_tokens, masked_positions, token_cross_entropy
 
 
 @dataclass
 class MLMCollator:
-    """Packed blocks -> {"input_ids", "labels"} with BERT masking. Picklable for workers."""
+    """Packed blocks -> {"input_ids", "labels", "masked_positions"} with BERT masking: (B, T), (B, T)
+    and the flat indices (N,) of the selected positions (functional.masked_positions). Picklable
+    for workers."""
 
     mask_token_id: int
     vocab_size: int  # real tokenizer size: random replacements never hit vocabulary padding
@@ -55,7 +57,7 @@ class MLMCollator:
     def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         input_ids = torch.as_tensor(np.asarray(columns["input_ids"]), dtype=torch.long)
         masked, labels = self.mask(input_ids, generator)
-        return {"input_ids": masked, "labels": labels}
+        return {"input_ids": masked, "labels": labels, "masked_positions": masked_positions(labels)}
 
 
 def check_replacement_shares(objective_cfg) -> None:
@@ -111,11 +113,13 @@ class MaskedLM(Objective):
         input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T) each
         if self.sparse_head:
             hidden = self.model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, H)
-            selected = labels != IGNORE_INDEX  # (B, T)
-            logits = hidden[selected]  # (N, H): masked positions only
+            positions = batch.get("masked_positions")  # (N,): from the collator, so no device-to-host sync here
+            if positions is None:
+                positions = masked_positions(labels)
+            logits = gather_positions(hidden, positions)  # (N, H): masked positions only
             for module in masked_lm_head(self.model):
                 logits = module(logits)  # -> (N, V)
-            labels = labels[selected]  # (N,)
+            labels = gather_positions(labels, positions)  # (N,)
         else:
             logits = self.model(input_ids=input_ids).logits  # (B, T, V)
         loss_sum, n_masked, n_correct = token_cross_entropy(logits, labels, self.vocab_size)
