@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # several GB of CUDA wheels; GPU machines keep their own torch (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-fast bench lint wheels clean
+.PHONY: install test test-fast bench bench-gpu lint wheels device-wheels clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test-fast:
 bench:
 	$(PY) scripts/bench.py
 
+# On a CUDA machine: every GPU measurement of docs/benchmarks.md, most important first, in ~9 minutes.
+BENCH_OUT ?= outputs/bench-gpu
+bench-gpu:
+	PYTHON=$(PY) scripts/bench_gpu.sh $(BENCH_OUT)
+
 lint:
 	$(PY) -m ruff check ssltrain tests scripts
 
@@ -33,6 +38,10 @@ lint:
 WHEELS_PYTHON ?= 3.12
 wheels:
 	PY=$(PY) scripts/offline_wheels.sh $(WHEELS_PYTHON) .wheels
+
+# Only what the lent GPU machine's image lacks, for `WHEELS=.wheels/device scripts/bench_gpu.sh` there.
+device-wheels:
+	PY=$(PY) scripts/offline_wheels.sh --device .wheels/device
 
 clean:
 	rm -rf outputs multirun .pytest_cache

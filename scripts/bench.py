@@ -280,7 +280,8 @@ def profile_step(step, steps: int, device: torch.device, top: int = 15, trace: s
 def release(bench: dict) -> None:
     """Free one measured configuration before the next is built in this process: its data workers,
     its GPU memory and dynamo's compiled code (each variant compiles afresh)."""
-    bench["batches"].close()
+    if "batches" in bench:
+        bench["batches"].close()
     bench.clear()
     gc.collect()
     if torch.cuda.is_available():
@@ -399,8 +400,19 @@ def main() -> None:
                          f"is {cfg.data.modality}")
         cfgs.append(cfg)
     baseline = None if args.no_baseline else {}
+    failed = 0
     for i, (variant, cfg) in enumerate(zip(variants, cfgs)):
-        result, bench = measure_variant(cfg, args, baseline)
+        try:
+            result, bench = measure_variant(cfg, args, baseline)
+        except Exception as err:  # e.g. out of memory at a larger micro-batch: the other variants still run
+            if len(variants) == 1:
+                raise
+            failed += 1
+            message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
+            print(json.dumps({"variant": variant, "error": message}) if args.json else f"\n{variant}: {message}",
+                  flush=True)
+            release({})
+            continue
         if args.variant:
             result = {"variant": variant, **result}
         if args.json:
@@ -411,6 +423,8 @@ def main() -> None:
             print_table(result)
             sys.stdout.flush()
         release(bench)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,95 +1,127 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md, section by section, each run's JSON in OUT/<name>.json
-# and its stderr in OUT/<name>.log. From the repository root on a CUDA machine:
+# The GPU measurements of docs/benchmarks.md in one go, the most important first, inside a time
+# budget, so that a single call on a lent GPU machine brings back everything it measured. From the
+# repository root on a CUDA machine:
 #
-#   scripts/bench_gpu.sh OUT [SECTION ...]
+#   [WHEELS=.wheels/device] [DEADLINE=510] scripts/bench_gpu.sh OUT [SECTION ...]
 #
-# Sections (default: all, in this order; each fits a 10-minute slot on an H100):
-#   bert     BERT-base MLM, T=128, 256 sequences: eager, then hardware.compile=true (each vs the HF loop)
-#   gpt2     GPT-2 124M, T=1024, 16 sequences: eager with --loss, then compiled (each vs the HF loop)
+# OUT receives (few files, each small enough to copy back):
+#   summary.txt    one line per measured configuration (tokens/s, MFU, ratio to the HF loop), and
+#                  one per section skipped for lack of time
+#   results.jsonl  every bench.py JSON object, each with its "section"
+#   log.txt        every command's stderr, in order
+#   <name>_trace.json.gz   the profile section's Chrome traces
+#
+# Sections (default: all, in this order). Each is one bench.py process: the variants of a section
+# share its start-up, data and HF baseline (bench.py --variant).
+#   bert     BERT-base MLM, T=128, 256 sequences: eager, compiled, compiled with 512; vs the HF loop
+#   gpt2     GPT-2 124M, T=1024, 16 sequences: eager (+ the loss alone), compiled, compiled with 32; vs the HF loop
+#   profile  torch.profiler top operators per step, BERT-base and GPT-2 compiled
 #   ablate   BERT-base and GPT-2 eager with one speed switch off at a time: what each one gives
-#   profile  torch.profiler top operators per step, BERT-base and GPT-2 compiled, with Chrome traces
-#   micro    micro-batch sizes around the defaults, compiled, no baseline: the fastest that fits
-#   curve    300 steps of BERT-base eager and compiled (compile must follow the eager loss curve)
+#   curve    200 steps of BERT-base through `ssltrain`, eager and compiled: compile follows the eager losses
 #
+# DEADLINE: seconds from the start after which no section starts that would not end by then
+# (each has an estimate below); skipped sections are named in summary.txt.
+# WHEELS: a folder of wheels (scripts/offline_wheels.sh --device) to install into a scratch
+# site-packages on PYTHONPATH first, so the machine's own torch and transformers stay.
 # BERT and GPT override the model arguments (e.g. to try the plumbing on CPU with tiny models).
 set -uo pipefail  # not -e: one failing run leaves the others to run
-OUT=${1:?usage: scripts/bench_gpu.sh OUT [bert gpt2 ablate profile micro curve]}
+OUT=${1:?usage: scripts/bench_gpu.sh OUT [bert gpt2 profile ablate curve]}
 shift
-SECTIONS=${*:-bert gpt2 ablate profile micro curve}
-PYTHON=${PYTHON:-python}
+SECTIONS=${*:-bert gpt2 profile ablate curve}
+PYTHON=${PYTHON:-python3}
+DEADLINE=${DEADLINE:-510}
 BERT=${BERT:-model=bert-base hardware=gpu trainer.seq_len=128 trainer.batch_size=256 trainer.micro_batch_size=256 tokenizer.vocab_size=30522}
 GPT=${GPT:-objective=ar model=gpt2 hardware=gpu trainer.seq_len=1024 trainer.batch_size=16 trainer.micro_batch_size=16 tokenizer.vocab_size=50257}
 WARMUP=${WARMUP:-10}
-STEPS=${STEPS:-30}
+STEPS=${STEPS:-40}
+CURVE_STEPS=${CURVE_STEPS:-200}
 mkdir -p "$OUT"
+: >"$OUT/summary.txt"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export SSLTRAIN_CACHE=${SSLTRAIN_CACHE:-/tmp/ssltrain-cache}
 
-run() {  # run NAME ARGS...: one bench.py run; prints a one-line summary
-    local name=$1
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+if [ -n "${WHEELS:-}" ]; then
+    # "site-packages" in the path matters: dill (datasets' fingerprints) pickles the modules of any
+    # other folder by value, and fails on pyarrow's.
+    site=${TMPDIR:-/tmp}/ssltrain/site-packages
+    $PYTHON -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$WHEELS"/*.whl >>"$OUT/log.txt" 2>&1 || note "installing $WHEELS failed (see log.txt)"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # python -m ssltrain from this checkout
+note "$($PYTHON -c 'import torch, transformers, datasets, hydra
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"{gpu} | torch {torch.__version__} | transformers {transformers.__version__} | datasets {datasets.__version__}")' \
+    2>>"$OUT/log.txt" || echo "imports failed (see log.txt)")"
+
+fits() {  # fits NAME SECONDS: whether a section estimated at SECONDS ends before DEADLINE
+    if (( SECONDS + $2 > DEADLINE )); then
+        note "$1: skipped at ${SECONDS}s (estimated ${2}s, deadline ${DEADLINE}s)"
+        return 1
+    fi
+}
+
+bench() {  # bench SECTION ARGS...: one bench.py process; its JSON lines go to results.jsonl, one summary line each
+    local section=$1
     shift
     local start=$SECONDS
-    # shellcheck disable=SC2068
-    $PYTHON scripts/bench.py --json --warmup "$WARMUP" --steps "$STEPS" $@ >"$OUT/$name.json" 2>"$OUT/$name.log"
-    local rc=$?
-    local summary
-    summary=$($PYTHON - "$OUT/$name.json" <<'EOF'
-import json, sys
-try:
-    r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-except Exception:
-    print("no result"); sys.exit()
-s, b = r["ssltrain"], r.get("hf_baseline") or {}
-print(f"ssltrain {s['tokens_per_s']:.0f} tok/s mfu {s['mfu']}"
-      + (f" | hf {b['tokens_per_s']:.0f} tok/s mfu {b['mfu']} | ratio {r['speedup_vs_hf']}" if b else "")
-      + (f" | loss eager {r['loss']['eager_ms']} compiled {r['loss']['compiled_ms']} hf {r['loss']['hf_ms']} ms"
-         if "loss" in r else ""))
-EOF
-)
-    echo "$name: rc=$rc $((SECONDS - start))s $summary"
+    echo "== $section: bench.py $*" >>"$OUT/log.txt"
+    $PYTHON scripts/bench.py --json --warmup "$WARMUP" --steps "$STEPS" "$@" 2>>"$OUT/log.txt" \
+        | $PYTHON scripts/bench_summary.py "$section" "$OUT/results.jsonl" "$OUT/summary.txt"
+    note "$section: rc=${PIPESTATUS[0]} in $((SECONDS - start))s"
 }
 
 for section in $SECTIONS; do
     case $section in
     bert)
-        run bert_eager $BERT
-        run bert_compiled $BERT hardware.compile=true
+        fits bert 150 && bench bert $BERT --variant "" --variant "hardware.compile=true" \
+            --variant "hardware.compile=true trainer.batch_size=512 trainer.micro_batch_size=512"
         ;;
     gpt2)
-        run gpt2_eager --loss $GPT
-        run gpt2_compiled $GPT hardware.compile=true
-        ;;
-    ablate)
-        for off in hardware.compile_loss=false objective.sparse_head=false hardware.fused_optimizer=false \
-                   hardware.attn_implementation=eager hardware.mixed_precision=no; do
-            run "bert_without_${off%%=*}" --no-baseline $BERT "$off"
-        done
-        for off in hardware.compile_loss=false hardware.fused_optimizer=false hardware.attn_implementation=eager; do
-            run "gpt2_without_${off%%=*}" --no-baseline $GPT "$off"
-        done
+        fits gpt2 150 && bench gpt2 $GPT --loss --variant "" --variant "hardware.compile=true" \
+            --variant "hardware.compile=true trainer.batch_size=32 trainer.micro_batch_size=32"
         ;;
     profile)
-        run bert_profile --no-baseline --profile 5 --trace "$OUT/bert_trace.json" $BERT hardware.compile=true
-        run gpt2_profile --no-baseline --profile 5 --trace "$OUT/gpt2_trace.json" $GPT hardware.compile=true
+        for model in bert gpt2; do
+            args=$BERT
+            [ $model = gpt2 ] && args=$GPT
+            # shellcheck disable=SC2086
+            fits "profile_$model" 60 && bench "profile_$model" --no-baseline --steps 10 --profile 5 \
+                --trace "$OUT/${model}_trace.json" $args hardware.compile=true \
+                && gzip -f "$OUT/${model}_trace.json"
+        done
         ;;
-    micro)
-        for m in 128 512 1024; do
-            run "bert_micro_$m" --no-baseline $BERT hardware.compile=true trainer.batch_size=$m trainer.micro_batch_size=$m
-        done
-        for m in 8 32 64; do
-            run "gpt2_micro_$m" --no-baseline $GPT hardware.compile=true trainer.batch_size=$m trainer.micro_batch_size=$m
-        done
+    ablate)
+        fits ablate_bert 60 && bench ablate_bert --no-baseline $BERT --variant "" \
+            --variant hardware.compile_loss=false --variant objective.sparse_head=false \
+            --variant hardware.fused_optimizer=false --variant hardware.attn_implementation=eager \
+            --variant hardware.mixed_precision=no
+        fits ablate_gpt2 60 && bench ablate_gpt2 --no-baseline $GPT --variant "" \
+            --variant hardware.compile_loss=false --variant hardware.fused_optimizer=false \
+            --variant hardware.attn_implementation=eager
         ;;
     curve)
         for flag in false true; do
+            fits "curve_compile_$flag" 75 || continue
+            start=$SECONDS
+            run_dir=${TMPDIR:-/tmp}/ssltrain-curve-compile-$flag
+            rm -rf "$run_dir"  # a fresh run, never a resume
             # shellcheck disable=SC2086
-            $PYTHON -m ssltrain $BERT hardware.compile=$flag trainer.max_steps=300 trainer.log_every=50 \
-                "hydra.run.dir=$OUT/curve_compile_$flag" >"$OUT/curve_compile_$flag.log" 2>&1
-            echo "curve_compile_$flag: rc=$? $(grep -h '\[eval\]' "$OUT/curve_compile_$flag.log" | tail -1)"
+            $PYTHON -m ssltrain $BERT hardware.compile=$flag trainer.max_steps="$CURVE_STEPS" trainer.log_every=25 \
+                trainer.eval_every=100 trainer.export=false "hydra.run.dir=$run_dir" >>"$OUT/log.txt" 2>&1
+            rc=$?
+            cp "$run_dir/metrics.jsonl" "$OUT/curve_compile_$flag.jsonl" 2>/dev/null
+            note "curve_compile_$flag: rc=$rc in $((SECONDS - start))s;" \
+                "$($PYTHON scripts/bench_summary.py --curve "$run_dir/metrics.jsonl" 2>&1 | tail -1)"
         done
         ;;
     *)
-        echo "unknown section $section; valid: bert gpt2 ablate profile micro curve" >&2
+        echo "unknown section $section; valid: bert gpt2 profile ablate curve" >&2
         exit 2
         ;;
     esac
 done
+note "done in ${SECONDS}s"
