@@ -92,7 +92,7 @@ def test_bench_loss_and_profile_modes_time_the_cross_entropy_and_the_step_by_ope
 
 
 @pytest.mark.slow
-def test_bench_variants_share_one_process_and_one_baseline(cache_dir):
+def test_bench_variants_share_one_process_and_one_baseline(cache_dir, tmp_path):
     """--variant measures several configurations in one process (no start-up, data or baseline cost
     per configuration): one JSON line each, in order, all against the same HF baseline."""
     import os
@@ -112,6 +112,18 @@ def test_bench_variants_share_one_process_and_one_baseline(cache_dir):
     for result in (first, second):
         assert result["speedup_vs_hf"] == pytest.approx(
             result["ssltrain"]["tokens_per_s"] / result["hf_baseline"]["tokens_per_s"], rel=1e-2)
+    # scripts/bench_gpu.sh pipes these lines through bench_summary.py: one tagged record and one line each
+    results, summary = tmp_path / "results.jsonl", tmp_path / "summary.txt"
+    summarised = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_summary.py"), "bert", str(results),
+                                 str(summary)], input=out.stdout + '{"variant": "x", "error": "OutOfMemoryError"}\n',
+                                capture_output=True, text=True, timeout=60)
+    assert summarised.returncode == 0, summarised.stderr
+    lines = summary.read_text().splitlines()
+    assert lines == summarised.stdout.splitlines() and len(lines) == 3
+    assert lines[0].startswith("bert [as given] micro 16: ssltrain ") and "| ratio " in lines[0]
+    assert lines[1].startswith("bert [trainer.seq_len=32 trainer.micro_batch_size=8] micro 8: ")
+    assert lines[2] == "bert [x]: failed: OutOfMemoryError"
+    assert [json.loads(line)["section"] for line in results.read_text().splitlines()] == ["bert"] * 3
     bad = subprocess.run([*cmd[:-1], "trainer.micro_batch_size=7"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert bad.returncode != 0 and not bad.stdout.strip()  # a bad variant stops before anything is measured
