@@ -189,7 +189,12 @@ class TrainStep:
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
         self.hooks = training.accelerator.unwrap_model(training.objective)  # on_step: the Objective's own
         self.window: dict[str, list[torch.Tensor]] = {}
-        self.tokens = torch.zeros((), dtype=torch.float64, device=training.accelerator.device)
+        device = training.accelerator.device
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.skipping_optimizer = optimizer_skipping_on_device(training.accelerator, training.optimizer)
+        if self.skipping_optimizer is not None and device.type == "cuda":
+            self.nonfinite_host = torch.zeros((), pin_memory=True)  # the flag's copy, written by the device
+            self.flag_copied = torch.cuda.Event()
 
     def __call__(self, step: int) -> StepResult:
         tr = self.training
@@ -208,6 +213,8 @@ class TrainStep:
         if accelerator.scaler is not None:
             optimizer.step()  # the fp16 scaler skips overflowing steps and lowers its scale itself
             finite = not optimizer.step_was_skipped
+        elif self.skipping_optimizer is not None:
+            finite = self._step_skipping_on_device(grad_norm)
         else:
             finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))  # the one sync; DeepSpeed: a float
             if finite:
@@ -216,6 +223,35 @@ class TrainStep:
             tr.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return StepResult(finite, grad_norm, lr)
+
+    def _step_skipping_on_device(self, grad_norm: torch.Tensor) -> bool:
+        """Queue the update before the host knows whether the norm is finite: the fused AdamW kernel
+        itself leaves weights, moments and step counts alone when found_inf is 1 (the mechanism of
+        torch's fp16 GradScaler). The host then waits only for the flag, not for the update, which
+        runs on the device while the host prepares the next step. Same results as stepping only
+        when finite."""
+        nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32)  # 0-d, on the device
+        if grad_norm.device.type == "cuda":
+            self.nonfinite_host.copy_(nonfinite, non_blocking=True)
+            self.flag_copied.record()
+        self.skipping_optimizer.found_inf = nonfinite
+        self.training.optimizer.step()
+        if grad_norm.device.type == "cuda":
+            self.flag_copied.synchronize()  # the one sync, ahead of the update's kernels
+            return not bool(self.nonfinite_host)
+        return not bool(nonfinite)
+
+
+def optimizer_skipping_on_device(accelerator, optimizer):
+    """The torch optimizer under Accelerate's wrapper when it can skip a non-finite step on the device
+    (a fused AdamW on one process or under DDP; not with fp16's gradient scaler, which sets found_inf
+    itself, nor under FSDP or DeepSpeed, which own the step), else None."""
+    from accelerate.utils import DistributedType
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    fused = isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused")
+    return inner if plain and fused and accelerator.scaler is None else None
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:

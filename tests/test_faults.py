@@ -86,6 +86,44 @@ def test_a_nan_step_is_skipped_and_counted(compose, tmp_path, monkeypatch):
     assert result["step"] == 6 and math.isfinite(result["eval"]["loss"])
 
 
+def test_a_fused_adamw_skips_a_nan_step_on_the_device_exactly_as_the_host_would(compose, tmp_path, monkeypatch):
+    """hardware.fused_optimizer=true queues the update before the host knows whether the gradient norm is
+    finite; the kernel skips it itself (found_inf). The run must end exactly as one that waits for the
+    norm and does not step: the same losses, the same skipped step, the same final weights."""
+    import ssltrain.train as loop
+
+    cfg = compose([*RUN, "trainer.max_steps=6", "hardware.fused_optimizer=true"])
+    original_step = torch.optim.AdamW.step
+
+    def run(name: str, on_device: bool):
+        flags = []
+
+        def step(self, *args, **kwargs):
+            flags.append(float(getattr(self, "found_inf", -1)))  # -1: the host decided, no flag given
+            return original_step(self, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            poison(m, bad_calls={3})
+            m.setattr(torch.optim.AdamW, "step", step)
+            if not on_device:
+                m.setattr(loop, "optimizer_skipping_on_device", lambda *args: None)
+            train(cfg, tmp_path / name)
+        return read_metrics(tmp_path / name), flags
+
+    device, device_flags = run("device", on_device=True)
+    host, host_flags = run("host", on_device=False)
+    assert device_flags == [0, 0, 0, 1, 0, 0, 0]  # every step queued; the NaN one told to skip
+    assert host_flags == [-1] * 6  # the NaN step never called step()
+
+    def summary(records):
+        return ([(r["step"], r["loss"]) for r in records if r["kind"] == "train"],
+                [r["step"] for r in records if r["kind"] == "nonfinite"],
+                [r["param_checksums"] for r in records if r["kind"] == "end"])
+
+    assert summary(device) == summary(host)
+    assert summary(device)[1] == [3]
+
+
 def test_too_many_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(compose, tmp_path, monkeypatch):
     poison(monkeypatch, bad_calls=set(range(4, 100)))
     cfg = compose([*RUN, "trainer.checkpoint_every=2", "trainer.max_nonfinite_in_row=3"])
