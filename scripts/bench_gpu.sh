@@ -19,6 +19,7 @@
 #   profile  torch.profiler top operators per step, BERT-base and GPT-2 compiled
 #   ablate   BERT-base and GPT-2 eager with one speed switch off at a time: what each one gives
 #   curve    200 steps of BERT-base through `ssltrain`, eager and compiled: compile follows the eager losses
+#   modes    GPT-2 compiled with CUDA graphs (compile_mode=reduce-overhead; its shapes never change)
 #
 # DEADLINE: seconds from the start after which no section starts that would not end by then
 # (each has an estimate below); skipped sections are named in summary.txt.
@@ -26,9 +27,9 @@
 # site-packages on PYTHONPATH first, so the machine's own torch and transformers stay.
 # BERT and GPT override the model arguments (e.g. to try the plumbing on CPU with tiny models).
 set -uo pipefail  # not -e: one failing run leaves the others to run
-OUT=${1:?usage: scripts/bench_gpu.sh OUT [bert gpt2 profile ablate curve]}
+OUT=${1:?usage: scripts/bench_gpu.sh OUT [bert gpt2 profile ablate curve modes]}
 shift
-SECTIONS=${*:-bert gpt2 profile ablate curve}
+SECTIONS=${*:-bert gpt2 profile ablate curve modes}
 PYTHON=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-510}
 BERT=${BERT:-model=bert-base hardware=gpu trainer.seq_len=128 trainer.batch_size=256 trainer.micro_batch_size=256 tokenizer.vocab_size=30522}
@@ -118,8 +119,11 @@ for section in $SECTIONS; do
                 "$($PYTHON scripts/bench_summary.py --curve "$run_dir/metrics.jsonl" 2>&1 | tail -1)"
         done
         ;;
+    modes)
+        fits modes 90 && bench modes --no-baseline $GPT --variant "hardware.compile=true hardware.compile_mode=reduce-overhead"
+        ;;
     *)
-        echo "unknown section $section; valid: bert gpt2 profile ablate curve" >&2
+        echo "unknown section $section; valid: bert gpt2 profile ablate curve modes" >&2
         exit 2
         ;;
     esac
