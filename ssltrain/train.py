@@ -192,8 +192,9 @@ class TrainStep:
         device = training.accelerator.device
         self.tokens = torch.zeros((), dtype=torch.float64, device=device)
         self.skipping_optimizer = optimizer_skipping_on_device(training.accelerator, training.optimizer)
+        self.flag_copied = None  # on CUDA: recorded after the non-finite flag's copy to nonfinite_host
         if self.skipping_optimizer is not None and device.type == "cuda":
-            self.nonfinite_host = torch.zeros((), pin_memory=True)  # the flag's copy, written by the device
+            self.nonfinite_host = torch.zeros((), pin_memory=True)
             self.flag_copied = torch.cuda.Event()
 
     def __call__(self, step: int) -> StepResult:
@@ -231,15 +232,16 @@ class TrainStep:
         runs on the device while the host prepares the next step. Same results as stepping only
         when finite."""
         nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32)  # 0-d, on the device
-        if grad_norm.device.type == "cuda":
-            self.nonfinite_host.copy_(nonfinite, non_blocking=True)
-            self.flag_copied.record()
+        if self.flag_copied is None:  # CPU: nothing runs ahead
+            self.skipping_optimizer.found_inf = nonfinite
+            self.training.optimizer.step()
+            return not bool(nonfinite)
+        self.nonfinite_host.copy_(nonfinite, non_blocking=True)
+        self.flag_copied.record()
         self.skipping_optimizer.found_inf = nonfinite
         self.training.optimizer.step()
-        if grad_norm.device.type == "cuda":
-            self.flag_copied.synchronize()  # the one sync, ahead of the update's kernels
-            return not bool(self.nonfinite_host)
-        return not bool(nonfinite)
+        self.flag_copied.synchronize()  # the one sync, ahead of the update's kernels
+        return not bool(self.nonfinite_host)
 
 
 def optimizer_skipping_on_device(accelerator, optimizer):
