@@ -350,11 +350,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                     tracker.record("eval", step, run_eval())
                     window_start, window_tokens = time.perf_counter(), total_tokens()
-                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                saved = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+                if saved:
                     checkpoint()
                     window_start, window_tokens = time.perf_counter(), total_tokens()
                 if stop.requested(accelerator):
-                    checkpoint()
+                    if not saved:  # a signal that came during this step's regular save: that one stands
+                        checkpoint()
                     name = signal.Signals(stop.signum).name
                     tracker.record("stopped", step, {"signal": name})
                     raise RunStopped(

@@ -61,6 +61,32 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
     assert all(after[s] == expected[s] for s in after), "resumed losses must equal the uninterrupted run's"
 
 
+def test_a_signal_during_a_regular_save_stops_after_it_without_saving_that_step_again(compose, tmp_path,
+                                                                                     monkeypatch):
+    """SIGTERM arriving while step 4's regular checkpoint is written: that checkpoint is the one the stop
+    names, and the step is not written a second time."""
+    import os
+
+    import ssltrain.train as loop
+
+    saved = []
+
+    def save_checkpoint(root, step, *args, **kwargs):
+        saved.append(step)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to StopSignals' handler mid-save
+        return real_save(root, step, *args, **kwargs)
+
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", save_checkpoint)
+    with pytest.raises(RunStopped, match="SIGTERM received") as stopped:
+        train(compose([*RUN, "trainer.checkpoint_every=2"]), tmp_path / "run")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert saved == [2, 4]
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000004"
+    assert "step-00000004" in str(stopped.value)
+
+
 def poison(monkeypatch, bad_calls):
     """Make MaskedLM.forward return a NaN loss on the given (0-based) training calls."""
     original = MaskedLM.forward

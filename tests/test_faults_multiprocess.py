@@ -270,18 +270,23 @@ def test_a_rank_killed_while_a_checkpoint_is_written_leaves_no_partial_checkpoin
 
 
 SECOND_CTRL_C = '''
-"""ssltrain whose checkpoint writes, once a stop signal has arrived, write half the weights file,
-write the temp folder's name to MARKER and then wait (10 minutes): the test's second Ctrl-C
-lands inside that save."""
+"""ssltrain that sends itself the first Ctrl-C (SIGINT) when it records step 5, which is no regular
+checkpoint step, so the save that Ctrl-C asks for is the next one (a signal from outside could land
+inside a regular save instead). Once a stop signal has arrived, a checkpoint write writes half the
+weights file, writes the temp folder's name to MARKER and then waits (10 minutes): the test's second
+Ctrl-C lands inside that save."""
 import os
+import signal
 import time
 from pathlib import Path
 
 import ssltrain.checkpoint as checkpoint
 import ssltrain.faults as faults
+import ssltrain.tracking as tracking
 from ssltrain.cli import main
 
 real_save_weights, real_handle = checkpoint.save_weights, faults.StopSignals._handle
+real_record = tracking.RunTracker.record
 signals = []
 
 
@@ -298,7 +303,13 @@ def save_weights(state_dict, path):
     real_save_weights(state_dict, path)
 
 
-faults.StopSignals._handle, checkpoint.save_weights = handle, save_weights
+def record(self, kind, step, values, echo=True):
+    real_record(self, kind, step, values, echo)
+    if kind == "train" and step == 5:
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C
+
+
+faults.StopSignals._handle, checkpoint.save_weights, tracking.RunTracker.record = handle, save_weights, record
 main()
 '''
 
@@ -315,9 +326,8 @@ def test_a_second_ctrl_c_during_the_save_exits_at_once_and_leaves_no_partial_che
     env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir), "MARKER": str(marker)}
     argv = [sys.executable, str(script), *one_rank, f"hydra.run.dir={run}"]
     proc = start(argv, tmp_path, env, tmp_path / "interrupted")
-    wait_until(lambda: train_records(run) >= 3, proc, START_TIMEOUT_S, "3 train records")
-    proc.send_signal(signal.SIGINT)  # first Ctrl-C: save at the next step boundary...
-    wait_until(marker.is_file, proc, 120, "the save the first Ctrl-C asked for")
+    # The first Ctrl-C comes from the process itself at step 5: save at that step boundary...
+    wait_until(marker.is_file, proc, START_TIMEOUT_S, "the save the first Ctrl-C asked for")
     proc.send_signal(signal.SIGINT)  # ...and the second, while that save is under way
     second_at = time.monotonic()
     try:
@@ -331,6 +341,7 @@ def test_a_second_ctrl_c_during_the_save_exits_at_once_and_leaves_no_partial_che
     assert "ssltrain: interrupted" in stderr and "Traceback" not in stderr, stderr[-3000:]
 
     interrupted = marker.read_text().removeprefix(".tmp-")  # the step-N whose save was cut short
+    assert interrupted == "step-00000005"
     assert_only_complete_checkpoints(run, allow_temp=False)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert interrupted not in names
