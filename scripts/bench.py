@@ -408,20 +408,20 @@ def main() -> None:
             if len(variants) == 1:
                 raise
             failed += 1
-            message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
-            print(json.dumps({"variant": variant, "error": message}) if args.json else f"\n{variant}: {message}",
-                  flush=True)
-            release({})
-            continue
+            text = str(err).strip()
+            result, bench = {"error": f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:500]}, {}
         if args.variant:
             result = {"variant": variant, **result}
         if args.json:
             print(json.dumps(result), flush=True)
+        elif "error" in result:
+            print(f"\n{variant}: {result['error']}", flush=True)
         else:
             if i:
                 print()
             print_table(result)
             sys.stdout.flush()
+        # Outside the except block: its traceback no longer holds a failed variant's model and batches.
         release(bench)
     if failed:
         sys.exit(1)
