@@ -38,7 +38,7 @@ WARMUP=${WARMUP:-10}
 STEPS=${STEPS:-40}
 CURVE_STEPS=${CURVE_STEPS:-200}
 mkdir -p "$OUT"
-: >"$OUT/summary.txt"
+: >"$OUT/summary.txt"; : >"$OUT/results.jsonl"; : >"$OUT/log.txt"  # a rerun into OUT starts afresh
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export SSLTRAIN_CACHE=${SSLTRAIN_CACHE:-/tmp/ssltrain-cache}
 
