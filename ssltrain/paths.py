@@ -1,5 +1,14 @@
-"""Where the shipped Hydra configs live: conf/ beside the package in a source checkout or
-editable install, ssltrain/conf inside a built wheel."""
+"""Where the shipped Hydra configs live.
+
+- Wheel or `pip install .`: ssltrain/conf inside the installed package (pyproject.toml maps the
+  ssltrain.conf package onto the repository's conf/ and ships its YAML files as package data).
+- Source checkout or editable install (`pip install -e .`): the repository's conf/ beside the
+  package, so an edited YAML file takes effect without reinstalling.
+
+The packaged copy is looked for first: an installed ssltrain never reads a conf/ that another
+distribution put at the top of site-packages. Code reads the configs through config_dir(), not
+`import ssltrain.conf` (an editable install does not make that importable).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ from pathlib import Path
 
 def config_dir() -> Path:
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "conf", here / "conf"):
+    for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate
     raise FileNotFoundError(f"ssltrain's conf/ directory is missing next to {here}")
