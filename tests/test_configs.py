@@ -30,8 +30,6 @@ def fitting_overrides(group: str, option: str) -> list[str]:
         extra.append("objective=ar")
     if attention == "encoder-decoder":
         extra.append("objective=span_corruption")
-    if group == "objective" and option == "ar":
-        extra.append("model=gpt2-tiny")
     return extra
 
 

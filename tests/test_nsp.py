@@ -297,7 +297,7 @@ def test_cli_rejects_nsp_on_a_decoder_in_one_line(run_cli, tmp_path):
     proc = run_cli("objective=nsp", "model=gpt2-tiny", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ssltrain: error: objective NextSentencePrediction needs a "
+    assert len(lines) == 1 and lines[0].startswith("ssltrain: error: objective=nsp needs a "
                                                    "bidirectional model"), proc.stderr
     assert not (tmp_path / "run").exists()
 

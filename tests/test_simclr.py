@@ -160,7 +160,7 @@ def test_cli_rejects_simclr_on_text_before_creating_a_run_dir(run_cli, tmp_path)
     result = run_cli("objective=simclr", "data=docs", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ssltrain: error: objective SimCLR trains on image"), lines
+    assert len(lines) == 1 and lines[0].startswith("ssltrain: error: objective=simclr trains on image"), lines
     assert not (tmp_path / "run").exists()
 
 

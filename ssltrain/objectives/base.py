@@ -8,6 +8,7 @@ choices fail at start with a message naming what fits.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -66,21 +67,21 @@ class Objective(torch.nn.Module):
     def check_compatible(cls, cfg: DictConfig) -> None:
         from ssltrain.models import model_modality
 
-        name = cls.__name__
+        name = option_name(cls)
         if cfg.data.modality != cls.modality:
             raise ConfigError(
-                f"objective {name} trains on {cls.modality} but data={cfg.data.source} gives "
+                f"{name} trains on {cls.modality} but data={cfg.data.source} gives "
                 f"{cfg.data.modality}; pick {_a(cls.modality)} data group: {', '.join(compatible_data(cls.modality))}"
             )
         if model_modality(cfg.model) != cls.modality:
             raise ConfigError(
-                f"objective {name} needs {_a(cls.modality)} model but model={cfg.model.name} is "
+                f"{name} needs {_a(cls.modality)} model but model={cfg.model.name} is "
                 f"{_a(model_modality(cfg.model))} model; pick one of: "
                 f"{', '.join(compatible_models(cls.attention, cls.modality))}"
             )
         if cls.attention and cfg.model.attention != cls.attention:
             raise ConfigError(
-                f"objective {name} needs {_a(cls.attention)} model but model={cfg.model.name} is "
+                f"{name} needs {_a(cls.attention)} model but model={cfg.model.name} is "
                 f"{cfg.model.attention}; pick one of: {', '.join(compatible_models(cls.attention, cls.modality))}"
             )
 
@@ -131,6 +132,21 @@ class Objective(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def option_name(cls: type) -> str:
+    """How a user picks the objective class: "objective=<name>" for the shipped conf/objective/<name>.yaml
+    whose _target_ names it, else "objective <ClassName>" (a class given by its _target_ alone)."""
+    target = f"{cls.__module__}.{cls.__qualname__}"
+    names = [name for name, found in _objective_targets().items() if found == target]
+    return f"objective={names[0]}" if names else f"objective {cls.__name__}"
+
+
+@functools.lru_cache(maxsize=1)
+def _objective_targets() -> dict[str, str]:
+    from ssltrain.paths import config_dir
+
+    return {p.stem: OmegaConf.load(p).get("_target_") for p in sorted((config_dir() / "objective").glob("*.yaml"))}
 
 
 def compatible_models(attention: str | None, modality: str = "text") -> list[str]:
