@@ -352,6 +352,11 @@ def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cf
     if not is_complete(path):
         missing = [n for n in required_files(path) if not (path / n).is_file()]
         raise UserError(f"trainer.resume={str(path)!r} is not a complete checkpoint (missing {', '.join(missing)})")
+    # Before the config: with trainer.micro_batch_size=auto another process count also changes the micro-batch.
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("world_size", 1) != accelerator.num_processes:
+        raise UserError(f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "
+                        f"{accelerator.num_processes}; resume with the same process count")
     if cfg is not None and (path / "config.yaml").is_file():
         saved = OmegaConf.load(path / "config.yaml")
         current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -362,10 +367,6 @@ def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cf
             raise UserError(f"checkpoint {path} was written by a different config: {shown}"
                             f"{' ...' if len(differing) > 4 else ''}; resume with the original settings or "
                             f"start fresh with trainer.resume=null")
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state.get("world_size", 1) != accelerator.num_processes:
-        raise UserError(f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "
-                        f"{accelerator.num_processes}; resume with the same process count")
     saved_format, fmt = state.get("state_format", "replicated"), state_format(accelerator)
     if saved_format != fmt:
         raise UserError(f"checkpoint {path} holds {saved_format} state but this run writes {fmt} state (the "

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ssltrain import launch
 from ssltrain.errors import UserError
 from ssltrain.paths import config_dir
 
@@ -55,8 +56,11 @@ def one_line(message: str) -> str:
     return re.sub(r"\s+", " ", text).strip(" ,")
 
 
-def fail(message: str) -> None:
-    print(f"ssltrain: error: {one_line(message)}", file=sys.stderr)
+def fail(message: str, every_rank: bool = True) -> None:
+    """Print the one-line error and exit 2. every_rank=False: an error every process of a launch finds
+    alike (the command line) is printed by rank 0 only."""
+    if every_rank or launch.rank() == 0:
+        print(f"ssltrain: error: {one_line(message)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 
 
@@ -110,8 +114,9 @@ def preflight(argv: list[str]) -> None:
     try:
         jobs = job_overrides(overrides) if args.multirun else [overrides]
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="ssltrain"):
+            config_name = args.config_name or CONFIG_NAME
+            world_size = _submitit_world_size(args.overrides, config_name) if args.multirun else None
             for job in jobs[:MAX_PREFLIGHT_JOBS]:
-                config_name = args.config_name or CONFIG_NAME
                 try:
                     cfg = compose(config_name=config_name, overrides=job)
                 except HydraException as err:
@@ -119,11 +124,24 @@ def preflight(argv: list[str]) -> None:
                 if info_only:
                     continue
                 try:
-                    validate_config(cfg)
+                    validate_config(cfg, world_size)
                 except UserError as err:
-                    raise UserError(f"{err}" + (f" (in job {' '.join(job)})" if args.multirun else "")) from None
+                    where = f" (in job {' '.join(job)})" if args.multirun and job else ""
+                    raise UserError(f"{err}{where}") from None
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(str(err)) from None
+
+
+def _submitit_world_size(overrides: list[str], config_name: str) -> int | None:
+    """Processes of each job that `hydra/launcher=submitit_*` will start (tasks_per_node x nodes), so that
+    the batch sizes are checked here for them, before anything is submitted; None for other launchers."""
+    from hydra import compose
+
+    hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if not any(o.startswith("hydra/launcher=submitit") for o in hydra_overrides):
+        return None
+    launcher = compose(config_name=config_name, overrides=hydra_overrides, return_hydra_config=True).hydra.launcher
+    return int(launcher.get("tasks_per_node") or 1) * int(launcher.get("nodes") or 1)
 
 
 def _unknown_key_message(err: Exception, config_name: str, job: list[str]) -> str | None:
@@ -158,16 +176,12 @@ def _unknown_key_message(err: Exception, config_name: str, job: list[str]) -> st
             f"{', '.join(keys)} (to add a new key on purpose: {append})")
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
 def _isolate_non_main_rank(argv: list[str]) -> str | None:
     """Ranks > 0 resolve ${now:...} themselves and could pick another run directory: give them
     a scratch one (the real one is broadcast from rank 0 in train())."""
-    if _rank() == 0:
+    if launch.rank() == 0:
         return None
-    scratch = tempfile.mkdtemp(prefix=f"ssltrain-rank{_rank()}-")
+    scratch = tempfile.mkdtemp(prefix=f"ssltrain-rank{launch.rank()}-")
     argv.extend([f"hydra.run.dir={scratch}", "hydra.output_subdir=null"])
     return scratch
 
@@ -193,9 +207,10 @@ def _hydra_app():
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
+            launch.join_job()  # a task of a submitit job (hydra/launcher=submitit_*): one group of all its tasks
             train(cfg, run_dir)
         except UserError as err:
-            if _rank() == 0:
+            if launch.rank() == 0:
                 _remove_unfinished_run(run_dir, f"{HydraConfig.get().job.name}.log")
             fail(str(err))
         except RunStopped as stopped:
@@ -213,9 +228,11 @@ def main() -> None:
     register_resolvers()
     argv = sys.argv[1:]
     try:
+        launch.join_job()  # srun started several tasks: they form one process group
+        launch.check_not_alone()
         preflight(argv)
     except UserError as err:
-        fail(str(err))
+        fail(str(err), every_rank=False)
     scratch = _isolate_non_main_rank(sys.argv)
     try:
         _hydra_app()()

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from ssltrain.errors import ConfigError
+from ssltrain.launch import world_size as launched_world_size
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -78,7 +79,7 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "tokenizer.lowercase": Spec(bool),
     "trainer.max_steps": POSITIVE,
     "trainer.batch_size": POSITIVE,
-    "trainer.micro_batch_size": POSITIVE,
+    # trainer.micro_batch_size: auto or a positive integer, checked by resolve_micro_batch_size
     "trainer.seq_len": Spec(int, low=8),
     "trainer.log_every": POSITIVE,
     "trainer.eval_every": NON_NEGATIVE,
@@ -119,6 +120,7 @@ TOP_LEVEL_SPECS: dict[str, Spec] = {
     "model.attention": Spec(choices=("bidirectional", "causal", "encoder-decoder", "none")),
     "model.tokenizer_type": Spec(choices=("wordpiece", "bpe"), nullable=True),  # null for image models
     "model.pretrained": Spec(str, nullable=True),
+    "model.max_micro_batch_size": POSITIVE,  # the largest micro-batch trainer.micro_batch_size=auto picks
     "data.source": Spec(str),
     "data.modality": Spec(choices=("text", "image")),
     "data.validation_fraction": Spec(float, low=0.0, high=0.5, low_open=True),
@@ -144,7 +146,8 @@ def select(cfg: DictConfig, key: str) -> Any:
 
 # Keys only some data groups have (unlabelled text: no label_fraction; images: no min_doc_chars): checked when present.
 OPTIONAL_KEYS = frozenset({"data.min_doc_chars", "data.max_docs", "data.num_proc", "data.label_fraction",
-                           "data.streaming", "data.shuffle_buffer", "data.validation_docs", "data.tokenizer_docs"})
+                           "data.streaming", "data.shuffle_buffer", "data.validation_docs", "data.tokenizer_docs",
+                           "model.max_micro_batch_size"})
 # Keys of the scale-out hardware groups (hardware=fsdp / deepspeed): checked when present.
 OPTIONAL_KEYS |= {k for k in TOP_LEVEL_SPECS if k.startswith(("hardware.fsdp.", "hardware.deepspeed."))}
 _ABSENT = object()
@@ -158,12 +161,54 @@ def check_specs(cfg: DictConfig, specs: dict[str, Spec], prefix: str = "") -> No
 
 
 def world_size_from_env() -> int:
-    """Processes the launcher (torchrun / accelerate launch) started; 1 when run directly."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Processes the launcher (torchrun, accelerate launch, mpirun, srun, submitit) started; 1 when run directly."""
+    return launched_world_size()
+
+
+AUTO = "auto"
+DEFAULT_MAX_MICRO_BATCH = 32  # for a model group without max_micro_batch_size
+
+
+def auto_micro_batch_size(batch_size: int, world_size: int, cap: int, accumulate: bool = True) -> int:
+    """The micro-batch for trainer.micro_batch_size=auto: the largest divisor of the per-process batch
+    (batch_size / world_size) not above cap, so that gradient accumulation makes up the rest. Without
+    accumulation (DeepSpeed's engine steps at every backward) the whole per-process batch."""
+    if batch_size % world_size:
+        raise ConfigError(f"trainer.batch_size={batch_size} does not split evenly over {world_size} processes; "
+                          f"pick a multiple of {world_size}")
+    per_process = batch_size // world_size
+    if not accumulate:
+        return per_process
+    return max(d for d in range(1, min(per_process, cap) + 1) if per_process % d == 0)
+
+
+def resolve_micro_batch_size(cfg: DictConfig, world_size: int) -> int:
+    """Replace trainer.micro_batch_size=auto by its value for world_size processes, in place, and check
+    that the micro-batch x processes divides trainer.batch_size. Returns the micro-batch."""
+    from ssltrain.sharding import engine
+
+    t = cfg.trainer
+    micro = select(cfg, "trainer.micro_batch_size")
+    if micro == AUTO:
+        cap = OmegaConf.select(cfg, "model.max_micro_batch_size", default=DEFAULT_MAX_MICRO_BATCH)
+        micro = auto_micro_batch_size(t.batch_size, world_size, cap, accumulate=engine(cfg.hardware) != "deepspeed")
+        t.micro_batch_size = micro
+        return micro
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise ConfigError(f"trainer.micro_batch_size={micro!r} is invalid; expected auto or an integer >= 1")
+    per_step = micro * world_size
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} is not divisible by trainer.micro_batch_size="
+            f"{micro} x {world_size} process(es) = {per_step}; pick a multiple of {per_step}, or "
+            f"trainer.micro_batch_size=auto"
+        )
+    return micro
 
 
 def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
-    """Fail fast on every mistake that can be seen without reading data. Writes nothing."""
+    """Fail fast on every mistake that can be seen without reading data. Writes nothing to disk;
+    resolves trainer.micro_batch_size=auto in cfg for world_size processes (default: the launcher's)."""
     # Imports kept local: the CLI's --help path should not pay for torch/transformers.
     from ssltrain.data.corpus import CORPUS_SOURCES
     from ssltrain.models import build_model_config, max_positions
@@ -172,12 +217,7 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
     check_specs(cfg, TOP_LEVEL_SPECS)
     world_size = world_size or world_size_from_env()
     t = cfg.trainer
-    per_step = t.micro_batch_size * world_size
-    if t.batch_size % per_step:
-        raise ConfigError(
-            f"trainer.batch_size={t.batch_size} is not divisible by trainer.micro_batch_size="
-            f"{t.micro_batch_size} x {world_size} process(es) = {per_step}; pick a multiple of {per_step}"
-        )
+    resolve_micro_batch_size(cfg, world_size)
     betas = select(cfg, "optimizer.betas")
     if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optimizer.betas={list(betas)!r} is invalid; expected two numbers in [0, 1)")

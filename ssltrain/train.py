@@ -26,7 +26,7 @@ from ssltrain.checkpoint import (
     state_format,
 )
 from ssltrain.compile import compile_objective
-from ssltrain.config import validate_config, world_size_from_env
+from ssltrain.config import resolve_micro_batch_size, validate_config, world_size_from_env
 from ssltrain.data.corpus import load_corpus
 from ssltrain.data.images import image_processor
 from ssltrain.data.loader import DataPosition, build_train_data, derived_seed
@@ -152,6 +152,7 @@ class Training:
 def build_training(cfg: DictConfig) -> Training:
     """Accelerator, data, objective (compiled per hardware.compile), optimizer and scheduler for cfg.
     Initial weights are the same on every rank; afterwards each rank has its own dropout stream."""
+    resolve_micro_batch_size(cfg, world_size_from_env())  # trainer.micro_batch_size=auto -> a number
     accelerator = build_accelerator(cfg.hardware, cfg.trainer.micro_batch_size, cfg.optimizer.grad_clip)
     t = cfg.trainer
     accum = t.batch_size // (t.micro_batch_size * accelerator.num_processes)
@@ -313,7 +314,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
         first_examples = gather_object([train_data.first_examples(position, 4)])
         tracker.record("start", step, {
-            "world_size": world, "grad_accum": training.accum, "params": training.n_params,
+            "world_size": world, "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size,
+            "grad_accum": training.accum, "params": training.n_params,
             "train_examples": train_data.num_examples, "validation_examples": len(val_examples),
             "vocab": len(tokenizer) if tokenizer is not None else None, "rank_first_examples": first_examples,
         })
