@@ -215,6 +215,7 @@ def _hydra_app():
             fail(str(err))
         except RunStopped as stopped:
             print(f"ssltrain: {stopped}", file=sys.stderr)
+            launch.pass_on_preemption(stopped.signum)
             sys.exit(stopped.exit_code)
         except KeyboardInterrupt:
             print("ssltrain: interrupted", file=sys.stderr)

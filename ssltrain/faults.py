@@ -1,7 +1,10 @@
 """Faults a long run must survive: preemption signals and non-finite steps.
 
-SIGTERM / SIGINT ask the loop to stop at the next step boundary, where it saves a checkpoint
-and exits with 128 + signal number; a second Ctrl-C exits at once. A step whose gradient norm
+SIGTERM / SIGINT / SIGUSR2 ask the loop to stop at the next step boundary, where it saves a
+checkpoint and exits with 128 + signal number; a second Ctrl-C exits at once. SIGTERM is what
+SLURM, Kubernetes and most schedulers send on preemption; SIGUSR2 is what submitit asks SLURM to
+send before a time limit or preemption (`--signal=USR2@<seconds>`), and within a submitit job the
+signal then goes on to submitit's own handler, which requeues the job. A step whose gradient norm
 is not finite is skipped (counted in the records); too many in a row stop the run with the
 last good checkpoint left intact. When another process of a multi-process run dies, the next
 collective fails on the others (gloo: connection reset by peer) and they stop with exit code
@@ -28,15 +31,16 @@ class RunStopped(Exception):
     """The run ended early on purpose (preemption, divergence); not a config mistake.
     exit_code: what the CLI exits with."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, signum: int | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.signum = signum  # the stop signal that ended the run, if one did
 
 
 class StopSignals:
-    """Records SIGTERM/SIGINT instead of dying mid-step. Use as a context manager."""
+    """Records SIGTERM/SIGINT/SIGUSR2 instead of dying mid-step. Use as a context manager."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self):
         self.signum: int | None = None

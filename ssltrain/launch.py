@@ -15,6 +15,7 @@ This module reads the environment only; Accelerate and torch.distributed form th
 from __future__ import annotations
 
 import os
+import signal
 
 from ssltrain.errors import UserError
 
@@ -102,3 +103,15 @@ def check_not_alone() -> None:
             "--num_processes N -m ssltrain` or `torchrun --nproc_per_node N -m ssltrain` (hardware=cpu joins "
             "them in one gloo group)")
 
+
+def pass_on_preemption(signum: int | None) -> None:
+    """In a submitit job, hand the preemption signal that stopped the run (after its checkpoint) to the
+    handler submitit installed for it: on rank 0 that requeues the job and exits (the requeued job
+    runs the same sweep job in the same run directory, where trainer.resume=auto continues); on the
+    other ranks it returns."""
+    if signum is None or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    from submitit import JobEnvironment
+
+    if signum == getattr(signal, f"SIG{JobEnvironment.USR_SIG}", None) and callable(signal.getsignal(signum)):
+        signal.raise_signal(signum)

@@ -364,7 +364,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     raise RunStopped(
                         f"{name} received: saved checkpoint {checkpoint_root / checkpoint_name(step)} at step "
                         f"{step}; resume with the same command plus hydra.run.dir={run_dir} "
-                        f"(trainer.resume=auto picks it up)", 128 + stop.signum)
+                        f"(trainer.resume=auto picks it up)", 128 + stop.signum, signum=stop.signum)
 
         final_eval = run_eval()
         tracker.record("eval", step, final_eval)
