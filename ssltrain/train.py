@@ -102,10 +102,11 @@ def prepare_data(cfg: DictConfig, accelerator, objective_cls):
             tokenizer = build_tokenizer(cfg, corpus, corpus_key)
             tokenizer.model_max_length = cfg.trainer.seq_len
         examples = objective_cls.build_examples(corpus, tokenizer, cfg, corpus_key)
-    need = cfg.trainer.micro_batch_size * accelerator.num_processes
-    if len(examples["train"]) < need:
-        raise DataError(f"the training split gives {len(examples['train'])} examples, fewer than one micro-batch of "
-                        f"{need}; add data or lower trainer.micro_batch_size (or trainer.seq_len for text)")
+    # A split smaller than one global micro-batch (2% of a small task's labels) is repeated to fill
+    # one (ssltrain/data/loader.py); only an empty one cannot train.
+    if not len(examples["train"]):
+        raise DataError(f"data={cfg.data.source} gives no training examples; add data"
+                        f"{' or lower trainer.seq_len' if tokenizer is not None else ''}")
     if len(examples["validation"]) < accelerator.num_processes:
         raise DataError(f"the validation split gives {len(examples['validation'])} examples, fewer than one per "
                         f"process; raise data.validation_fraction or add data")

@@ -336,3 +336,24 @@ def test_gradual_unfreezing_through_the_loop(compose, tmp_path):
 
     # Steps 10-19 train the top stage, 20-29 also the one below, 30-39 everything.
     assert [changed(a, b) for a, b in zip(states, states[1:])] == [groups[2:], groups[1:], groups]
+
+
+@pytest.mark.slow
+def test_two_percent_of_the_docs_topics_labels_fine_tune_through_the_command_line(run_cli, tmp_path):
+    """`ssltrain +experiment=finetune_docs data.label_fraction=0.02` as README's sample-efficiency sweeps type it:
+    20 labelled passages, fewer than one micro-batch of 32. The loop repeats them to fill every micro-batch
+    instead of refusing to start (prepare_data used to stop with "fewer than one micro-batch of 32"), and the
+    held-out evaluation still sees each of the 251 test passages once."""
+    run = tmp_path / "run"
+    proc = run_cli("+experiment=finetune_docs", "data.label_fraction=0.02", "trainer.max_steps=4",
+                   "trainer.eval_every=0", f"hydra.run.dir={run}", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = read_metrics(run)
+    start = next(r for r in records if r["kind"] == "start")
+    assert (start["train_examples"], start["micro_batch_size"], start["batch_size"]) == (20, 32, 32)
+    assert start["validation_examples"] >= 251
+    assert len(set(start["rank_first_examples"][0])) == 4  # the first micro-batch draws distinct passages first
+    end = next(r for r in records if r["kind"] == "end")
+    assert end["step"] == 4 and end["tokens_seen"] > 0
+    final_eval = [r for r in records if r["kind"] == "eval"][-1]
+    assert 0.0 <= final_eval["accuracy"] <= 1.0
