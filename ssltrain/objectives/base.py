@@ -138,28 +138,25 @@ def option_name(cls: type) -> str:
     """How a user picks the objective class: "objective=<name>" for the shipped conf/objective/<name>.yaml
     whose _target_ names it, else "objective <ClassName>" (a class given by its _target_ alone)."""
     target = f"{cls.__module__}.{cls.__qualname__}"
-    names = [name for name, found in _objective_targets().items() if found == target]
+    names = [name for name, option in shipped_options("objective").items() if option.get("_target_") == target]
     return f"objective={names[0]}" if names else f"objective {cls.__name__}"
 
 
-@functools.lru_cache(maxsize=1)
-def _objective_targets() -> dict[str, str]:
+@functools.lru_cache(maxsize=None)
+def shipped_options(group: str) -> dict[str, DictConfig]:
+    """{option name: its YAML} of a shipped config group (conf/<group>/*.yaml), read once per process:
+    the fit checks name what fits in every message, and ssltrain-list runs them for every pair."""
     from ssltrain.paths import config_dir
 
-    return {p.stem: OmegaConf.load(p).get("_target_") for p in sorted((config_dir() / "objective").glob("*.yaml"))}
+    return {p.stem: OmegaConf.load(p) for p in sorted((config_dir() / group).glob("*.yaml"))}
 
 
 def compatible_models(attention: str | None, modality: str = "text") -> list[str]:
     """Names of the shipped model configs for `modality` with the given attention (None: any)."""
     from ssltrain.models import model_modality
-    from ssltrain.paths import config_dir
 
-    names = []
-    for path in sorted((config_dir() / "model").glob("*.yaml")):
-        model = OmegaConf.load(path)
-        if model_modality(model) == modality and attention in (None, model.get("attention")):
-            names.append(path.stem)
-    return names
+    return [name for name, model in shipped_options("model").items()
+            if model_modality(model) == modality and attention in (None, model.get("attention"))]
 
 
 def _a(word: str) -> str:
@@ -168,10 +165,7 @@ def _a(word: str) -> str:
 
 def compatible_data(modality: str) -> list[str]:
     """Names of the shipped data groups that give `modality` examples."""
-    from ssltrain.paths import config_dir
-
-    paths = sorted((config_dir() / "data").glob("*.yaml"))
-    return [p.stem for p in paths if OmegaConf.load(p).get("modality") == modality]
+    return [name for name, data in shipped_options("data").items() if data.get("modality") == modality]
 
 
 def params_of(objective_cfg: DictConfig) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssltrain.config import Spec, world_size_from_env
 from ssltrain.errors import ConfigError, DataError
 from ssltrain.models import build_backbone, model_modality
-from ssltrain.objectives.base import Objective, ObjectiveOutput, _a
+from ssltrain.objectives.base import Objective, ObjectiveOutput, _a, shipped_options
 
 IGNORE_LABEL = -100  # rows that pad the held-out split to whole batches; never counted
 FREEZE_MODES = ("none", "backbone", "gradual")
@@ -73,22 +73,15 @@ def has_head(model_cfg, modality: str) -> bool:
 
 def classifier_models(modality: str) -> list[str]:
     """Shipped model groups for `modality` data that can classify it."""
-    from ssltrain.paths import config_dir
-
-    names = []
-    for path in sorted((config_dir() / "model").glob("*.yaml")):
-        model = OmegaConf.load(path)
-        if model_modality(model) == modality and has_head(model, modality):
-            names.append(path.stem)
-    return names
+    return [name for name, model in shipped_options("model").items()
+            if model_modality(model) == modality and has_head(model, modality)]
 
 
 def labelled_data_groups() -> list[str]:
     """Shipped data groups that carry class labels."""
     from ssltrain.data.labelled import has_labels
-    from ssltrain.paths import config_dir
 
-    return [p.stem for p in sorted((config_dir() / "data").glob("*.yaml")) if has_labels(OmegaConf.load(p))]
+    return [name for name, data in shipped_options("data").items() if has_labels(data)]
 
 
 def unfrozen_groups(step: int, max_steps: int, n_groups: int, every: int | None = None) -> int:

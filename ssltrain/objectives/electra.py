@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ssltrain.config import Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import masked_lm_head
-from ssltrain.objectives.base import Objective, ObjectiveOutput
+from ssltrain.objectives.base import Objective, ObjectiveOutput, shipped_options
 from ssltrain.objectives.functional import IGNORE_INDEX, token_cross_entropy
 from ssltrain.objectives.mlm import MASKING_PARAMS, MLMCollator, check_replacement_shares
 
@@ -199,12 +199,7 @@ class ELECTRA(Objective):
 
 def electra_models() -> list[str]:
     """Names of the shipped model configs with model_type electra."""
-    from omegaconf import OmegaConf
-
-    from ssltrain.paths import config_dir
-
-    return [p.stem for p in sorted((config_dir() / "model").glob("*.yaml"))
-            if OmegaConf.load(p).get("model_type") == "electra"]
+    return [name for name, model in shipped_options("model").items() if model.get("model_type") == "electra"]
 
 
 __all__ = ["ELECTRA", "ElectraCollator", "discriminator_loss", "generator_config", "replace_tokens",
