@@ -32,7 +32,8 @@ if [ ${#dirs[@]} -eq 0 ]; then dirs=(.wheels/part*); fi
 links=()
 for d in "${dirs[@]}"; do links+=(--find-links "$d"); done
 "$PY" -m pip install --quiet --no-index "${links[@]}" hydra-core omegaconf datasets tensorboard
-"$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
+# Built in isolation with the parts' setuptools: the machine's own may predate pyproject's build-system.
+"$PY" -m pip install --quiet --no-index "${links[@]}" --no-deps -e .
 "$PY" -c "import hydra, omegaconf, datasets, torch, transformers, ssltrain; \
 print('ssltrain ready: torch', torch.__version__, '| cuda', torch.cuda.is_available(), \
 '| transformers', transformers.__version__, '| datasets', datasets.__version__)"

@@ -5,7 +5,8 @@
 #
 #   scripts/offline_wheels.sh [PYTHON_VERSION (3.12)] [OUT (.wheels)]
 #       hydra-core, omegaconf, datasets and tensorboard with their dependencies for that Python on
-#       manylinux x86_64, minus numpy (every torch install has it), split into parts of at most
+#       manylinux x86_64, and the setuptools that builds ssltrain (pyproject.toml's build-system),
+#       minus numpy (every torch install has it), split into parts of at most
 #       56 MiB (OUT/part1, OUT/part2, ...) for copy tools with a size cap; pyarrow alone fills one.
 #       Install there with scripts/offline_install.sh.
 #
@@ -56,7 +57,8 @@ if [ -n "$DEVICE" ]; then
     exit 0
 fi
 
-download "hydra-core>=1.3.2" "omegaconf>=2.3" "datasets>=2.19" "tensorboard>=2.14"
+# setuptools: what pyproject.toml's build-system asks for, to build ssltrain there without the registry.
+download "hydra-core>=1.3.2" "omegaconf>=2.3" "datasets>=2.19" "tensorboard>=2.14" "setuptools>=77"
 rm -f "$ALL"/numpy-*.whl
 # Greedy split, largest first, into parts below the cap.
 CAP=$((56 * 1024 * 1024))
