@@ -23,6 +23,8 @@ CONFIG_NAME = "train"
 EXIT_USER_ERROR = 2
 _INFO_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg")
 MAX_PREFLIGHT_JOBS = 256
+# Hydra's override grammar refuses an unquoted ~, * or [ in a value (the shell's own quotes are gone by then).
+PARSE_HINT = " (a value with ~ * [ ] or spaces needs quotes that reach ssltrain: key=\"'value'\"; or $HOME for ~)"
 
 
 MAX_DIRNAME_BYTES = 240  # a path component may have 255 bytes on common filesystems
@@ -30,10 +32,12 @@ MAX_DIRNAME_BYTES = 240  # a path component may have 255 bytes on common filesys
 
 def sweep_subdir(num, override_dirname: str) -> str:
     """A sweep job's folder name, "<job number>_<its overrides>" (conf/train.yaml's hydra.sweep.subdir):
-    cut to MAX_DIRNAME_BYTES with a digest of the whole name when the overrides would make it longer
-    than a filesystem allows (Hydra would fail making the folder)."""
+    a path in a value (model.pretrained=runs/mlm/final) written with "_" for "/", so that each job is one
+    folder of the sweep, not a tree of them; cut to MAX_DIRNAME_BYTES with a digest of the whole name
+    when the overrides would make it longer than a filesystem allows (Hydra would fail making the folder)."""
     import hashlib
 
+    override_dirname = override_dirname.replace(os.sep, "_")
     name = f"{num}_{override_dirname}" if override_dirname else str(num)
     raw = name.encode()
     if len(raw) <= MAX_DIRNAME_BYTES:
@@ -92,7 +96,7 @@ def preflight(argv: list[str]) -> None:
     """Compose and validate each job of this command line; raise UserError on the first bad one."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     from ssltrain.config import validate_config
@@ -119,6 +123,8 @@ def preflight(argv: list[str]) -> None:
             for job in jobs[:MAX_PREFLIGHT_JOBS]:
                 try:
                     cfg = compose(config_name=config_name, overrides=job)
+                except OverrideParseException as err:
+                    raise UserError(f"{err}{PARSE_HINT}") from None
                 except HydraException as err:
                     raise UserError(_unknown_key_message(err, config_name, job) or str(err)) from None
                 if info_only:
@@ -128,6 +134,8 @@ def preflight(argv: list[str]) -> None:
                 except UserError as err:
                     where = f" (in job {' '.join(job)})" if args.multirun and job else ""
                     raise UserError(f"{err}{where}") from None
+    except OverrideParseException as err:
+        raise UserError(f"{err}{PARSE_HINT}") from None
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(str(err)) from None
 

@@ -56,7 +56,12 @@ CASES = {
     # Combinations.
     "objective-model-mismatch": Case(["objective=ar", "model=bert-base"], ["bert-base", "gpt2"]),
     "bad-sweep-value": Case(["-m", "model=bert-tiny,bert-huge"], ["bert-huge", "bert-tiny"]),
-    "negative-micro-batch": Case(["trainer.micro_batch_size=-4"], ["trainer.micro_batch_size=-4", ">= 1"]),
+    "negative-micro-batch": Case(["trainer.micro_batch_size=-4"], ["trainer.micro_batch_size=-4", "auto", ">= 1"]),
+    "batch-not-splitting-over-processes": Case(["trainer.batch_size=32"], ["trainer.batch_size=32", "3 processes"],
+                                               env={"WORLD_SIZE": "3"}),
+    # An unquoted ~ (the shell's quotes are gone): Hydra's grammar error, with how to quote.
+    "unquoted-tilde": Case(["data=text_files", "data.paths=~/corpus/*.txt"], ["data.paths=~/corpus/*.txt",
+                                                                             "key=\"'value'\"", "$HOME"]),
     "unknown-scheduler": Case(["optimizer.scheduler=warmup_magic"], ["warmup_magic", "cosine", "linear"]),
     "image-objective-on-text": Case(["objective=simclr", "data=docs"], ["docs", "digits"]),
     # Paths to resume from or start from.

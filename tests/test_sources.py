@@ -67,6 +67,8 @@ def test_sweep_folder_names_are_cut_to_fit_a_filesystem():
     assert a.startswith("0_trainer.key_0=value_0,") and len(a.encode()) <= MAX_DIRNAME_BYTES < 255
     assert a != b and len(b.encode()) <= MAX_DIRNAME_BYTES
     assert len(sweep_subdir(1, "data.path=" + "é" * 200).encode()) <= MAX_DIRNAME_BYTES  # cut on a character
+    # A path value would nest the job's folder in folders named after its first parts.
+    assert sweep_subdir(2, "model.pretrained=runs/mlm/final,seed=1") == "2_model.pretrained=runs_mlm_final,seed=1"
 
 
 def test_multirun_sweep_runs_every_job(run_cli, tmp_path):
