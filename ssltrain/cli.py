@@ -61,9 +61,10 @@ def one_line(message: str) -> str:
 
 
 def fail(message: str, every_rank: bool = True) -> None:
-    """Print the one-line error and exit 2. every_rank=False: an error every process of a launch finds
-    alike (the command line) is printed by rank 0 only."""
-    if every_rank or launch.rank() == 0:
+    """Print the one-line error and exit 2. every_rank=False: an error that the processes of a launch find
+    alike (the command line) is printed by the first process of each machine only (once on one machine;
+    a check of the local filesystem may fail on one machine and not on another)."""
+    if every_rank or launch.local_rank() == 0:
         print(f"ssltrain: error: {one_line(message)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 

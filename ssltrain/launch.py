@@ -22,6 +22,7 @@ from ssltrain.errors import UserError
 # Accelerate's order (accelerate.utils.environment.get_cpu_distributed_information).
 WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
 # What a launcher sets; an outer launcher's leftovers (pytest run under torchrun) would leak into children.
 LAUNCHER_VARS = WORLD_VARS + RANK_VARS + ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                                           "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU")
@@ -44,6 +45,11 @@ def world_size() -> int:
 def rank() -> int:
     """This process's global rank; 0 when ssltrain runs on its own."""
     return _first_int(RANK_VARS, _first_int(("LOCAL_RANK",), 0))
+
+
+def local_rank() -> int:
+    """This process's rank among those of its machine; 0 when ssltrain runs on its own."""
+    return _first_int(LOCAL_RANK_VARS, 0)
 
 
 def join_job() -> str | None:
