@@ -7,6 +7,7 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from ssltrain.errors import ConfigError
+from ssltrain.hub import load_model, load_tokenizer
 
 VOCAB_MULTIPLE = 64  # pad the embedding matrix so GPU matmuls hit tensor-core friendly shapes
 
@@ -78,7 +79,7 @@ def build_backbone(model_cfg: DictConfig, tokenizer, auto_class, attn_implementa
     if model_cfg.pretrained:
         path = os.path.expanduser(model_cfg.pretrained)
         try:
-            model = auto_class.from_pretrained(path, **attn, **overrides)
+            model = load_model(auto_class, path, "model.pretrained", **attn, **overrides)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.pretrained={path!r} cannot be loaded as {auto_class.__name__}: "
                               f"{_first_line(err)}") from None
@@ -119,10 +120,8 @@ def _saved_tokenizer(path: str):
     """The tokenizer saved in the model folder `path`, or None (no such folder, none saved there)."""
     if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path, "model.pretrained")
     except (OSError, ValueError):
         return None
 

@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 
 from ssltrain.data.cache import cached_dir, fingerprint
 from ssltrain.errors import ConfigError
+from ssltrain.hub import check_folder
+from ssltrain.hub import load_tokenizer as load_pretrained_tokenizer
 
 TOKENIZER_VERSION = 1  # bump when training settings below change
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -75,24 +77,25 @@ def save_tokenizer(tokenizer, path: str) -> None:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
+def load_tokenizer(path: str, what: str = "tokenizer.path"):
+    """The tokenizer saved at `path` (what: the setting that names it, for errors)."""
     try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(path))
+        return load_pretrained_tokenizer(os.path.expanduser(path), what)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"tokenizer.path={path!r} cannot be loaded: {str(err).strip().splitlines()[0]}") from None
+        raise ConfigError(f"{what}={path!r} cannot be loaded: {str(err).strip().splitlines()[0]}") from None
 
 
 def build_tokenizer(cfg: DictConfig, corpus, corpus_key: str):
     """The tokenizer for this run: tokenizer.path, the pretrained model's own, or one trained on
     the training split and cached under cache_dir/tokenizers/<hash>."""
     tok_cfg = cfg.tokenizer
-    path = tok_cfg.path
-    if not path and cfg.model.pretrained and Path(cfg.model.pretrained, "tokenizer_config.json").is_file():
-        path = cfg.model.pretrained
-    if path:
-        return load_tokenizer(path)
+    if cfg.model.pretrained:
+        # The model folder is refused here, before any tokenisation, rather than when the model loads.
+        check_folder(cfg.model.pretrained, "model.pretrained")
+    if tok_cfg.path:
+        return load_tokenizer(tok_cfg.path)
+    if cfg.model.pretrained and Path(os.path.expanduser(cfg.model.pretrained), "tokenizer_config.json").is_file():
+        return load_tokenizer(cfg.model.pretrained, "model.pretrained")
     key = fingerprint(TOKENIZER_VERSION, corpus_key, tok_cfg.type, tok_cfg.vocab_size, tok_cfg.lowercase)
 
     def build(tmp: Path) -> None:

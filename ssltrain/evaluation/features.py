@@ -34,13 +34,15 @@ def load_encoder(model_dir: str | Path, init: str = "pretrained", seed: int = 0)
     Raises UserError when the folder has no model, or when loading would silently leave
     weights other than the unused pooler at random (a key-name mismatch).
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
+
+    from ssltrain.hub import load_config, load_model
 
     model_dir = Path(model_dir).expanduser()
     if init not in INITS:
         raise UserError(f"init={init!r} is not one of {', '.join(INITS)}")
     try:
-        config = AutoConfig.from_pretrained(str(model_dir))
+        config = load_config(model_dir)
     except (OSError, ValueError) as err:
         raise UserError(f"{model_dir} holds no readable model config: {_first_line(err)}") from None
     if init == "random-init":
@@ -48,7 +50,7 @@ def load_encoder(model_dir: str | Path, init: str = "pretrained", seed: int = 0)
             model = AutoModel.from_config(config)
     else:
         try:
-            model, info = AutoModel.from_pretrained(str(model_dir), output_loading_info=True)
+            model, info = load_model(AutoModel, model_dir, output_loading_info=True)
         except (OSError, ValueError) as err:
             raise UserError(f"{model_dir} cannot be loaded with AutoModel: {_first_line(err)}") from None
         missing = [k for k in info.get("missing_keys", []) if not k.split(".")[0] == "pooler"]

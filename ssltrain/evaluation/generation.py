@@ -55,11 +55,12 @@ def span_corruption_bleu(path, n_examples: int = 64, seed: int = 0, batch_size: 
 
     Returns {"bleu", "n_examples", "hypotheses", "references"}."""
     from omegaconf import OmegaConf
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM
 
     from ssltrain.data.blocks import pack_ids, separator_id
     from ssltrain.data.corpus import load_corpus
     from ssltrain.evaluation.tasks import cache_dir_for, locate
+    from ssltrain.hub import load_model, load_tokenizer
     from ssltrain.objectives.span_corruption import SpanCorruptionCollator, compute_lengths, sentinel_tokens
 
     location = locate(path)
@@ -67,8 +68,8 @@ def span_corruption_bleu(path, n_examples: int = 64, seed: int = 0, batch_size: 
     if cfg is None or "noise_density" not in cfg.objective:
         raise UserError(f"{path} is not a span_corruption run directory (its config.yaml names the corruption)")
     obj = cfg.objective
-    tokenizer = AutoTokenizer.from_pretrained(str(location.model_dir))
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(location.model_dir)).eval()
+    tokenizer = load_tokenizer(location.model_dir)
+    model = load_model(AutoModelForSeq2SeqLM, location.model_dir).eval()
     tokens_length = compute_lengths(cfg.trainer.seq_len, obj.noise_density, obj.mean_noise_span_length)[0]
     corpus, _ = load_corpus(OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True)), cache_dir_for(cfg))
     docs = tokenizer(list(corpus["validation"]["text"]), add_special_tokens=False)["input_ids"]

@@ -126,9 +126,9 @@ def feature_sets(task, location, init: str, seed: int, *, pooling: str = "mean",
     encoder = load_encoder(location.model_dir, init, seed)
     if task.modality == "image":
         return scaled(image_features(encoder, task.train_inputs), image_features(encoder, task.test_inputs))
-    from transformers import AutoTokenizer
+    from ssltrain.hub import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(location.model_dir))
+    tokenizer = load_tokenizer(location.model_dir)
     return scaled(*(text_features(encoder, tokenizer, x, max_length, pooling)
                     for x in (task.train_inputs, task.test_inputs)))
 

@@ -77,9 +77,9 @@ def cache_dir_for(run_cfg: DictConfig | None) -> str:
 
 
 def model_modality(model_dir: Path) -> str:
-    from transformers import AutoConfig
+    from ssltrain.hub import load_config
 
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = load_config(model_dir)
     return "text" if getattr(config, "vocab_size", None) else "image"
 
 
@@ -106,9 +106,8 @@ def load_task(name: str, location: ModelLocation) -> ProbeTask:
 
 
 def _image_task(name: str, location: ModelLocation, cache_dir: str) -> ProbeTask:
-    from transformers import AutoConfig
-
     from ssltrain.data.corpus import load_corpus
+    from ssltrain.hub import load_config
     from ssltrain.paths import config_dir
 
     cfg = location.run_cfg
@@ -122,7 +121,7 @@ def _image_task(name: str, location: ModelLocation, cache_dir: str) -> ProbeTask
         data_cfg = cfg.data
     else:  # digits at the model's input shape
         data_cfg = OmegaConf.load(config_dir() / "data" / "digits.yaml")
-        model_config = AutoConfig.from_pretrained(str(location.model_dir))
+        model_config = load_config(location.model_dir)
         size = getattr(model_config, "image_size", None)
         data_cfg.image_size = int(size[0] if isinstance(size, (list, tuple)) else size or data_cfg.image_size)
         data_cfg.channels = int(getattr(model_config, "num_channels", data_cfg.channels))

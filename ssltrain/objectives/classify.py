@@ -237,11 +237,11 @@ class Classify(Objective):
 
     @staticmethod
     def _check_pretrained(cfg: DictConfig, modality: str) -> None:
-        from transformers import AutoConfig
+        from ssltrain.hub import load_config
 
         path = cfg.model.pretrained
         try:
-            config = AutoConfig.from_pretrained(path)
+            config = load_config(path, "model.pretrained")
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.pretrained={path!r} has no readable config: "
                               f"{str(err).strip().splitlines()[0]}") from None

@@ -82,13 +82,12 @@ class ImageObjective(Objective):
 def check_image_shape(cfg: DictConfig) -> None:
     """Model and data agree on channels and (for models with a fixed input size, like ViT) image
     size; patches tile the image. One-line ConfigError naming both sides otherwise."""
-    from transformers import AutoConfig
-
+    from ssltrain.hub import load_config
     from ssltrain.models import build_model_config
 
     if cfg.model.pretrained:
         try:
-            config = AutoConfig.from_pretrained(cfg.model.pretrained)
+            config = load_config(cfg.model.pretrained, "model.pretrained")
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} has no readable config: "
                               f"{str(err).strip().splitlines()[0]}") from None
