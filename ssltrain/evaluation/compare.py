@@ -18,13 +18,13 @@ accuracy vs labelled examples, pretrained vs random-init); a directory may hold 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from ssltrain.errors import UserError
+from ssltrain.tracking import read_records
 
 COMPARE_FRACTIONS = (0.01, 0.02, 0.1, 1.0)
 COMPARE_SEEDS = (0, 1, 2)
@@ -41,10 +41,6 @@ def find_runs(dirs) -> list[Path]:
                  if (p.parent / "config.yaml").is_file() and "checkpoints" not in p.parent.relative_to(d).parts]
         runs.extend(r for r in found if r not in runs)
     return runs
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def objective_name(run_dir: Path, cfg) -> str:

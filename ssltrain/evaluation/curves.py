@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from ssltrain.evaluation.compare import read_records
+from ssltrain.tracking import read_records
 
 RANDOM_INIT = "random-init"
 CSV_FIELDS = ("task", "model", "init", "label", "pretrained", "freeze", "fraction", "n_labelled", "seed", "steps",

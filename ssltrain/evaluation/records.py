@@ -8,18 +8,12 @@ import math
 import time
 from pathlib import Path
 
-from ssltrain.tracking import _jsonable
+from ssltrain.tracking import METRICS, _jsonable, drop_torn_tail, read_records
 
 
 def last_step(run_dir: Path) -> int:
     """The run's final optimizer step (its last record's), 0 when it has none."""
-    path = Path(run_dir) / "metrics.jsonl"
-    step = 0
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                step = json.loads(line).get("step", step)
-    return int(step)
+    return int(next((r["step"] for r in reversed(read_records(run_dir)) if "step" in r), 0))
 
 
 def append_records(run_dir: Path, kind: str, records: list[dict], scalars: list[tuple[str, float, int]] = ()) -> None:
@@ -27,7 +21,8 @@ def append_records(run_dir: Path, kind: str, records: list[dict], scalars: list[
     scalars: (tag, value, step) written to <run>/tb."""
     run_dir = Path(run_dir)
     step, now = last_step(run_dir), round(time.time(), 3)
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+    drop_torn_tail(run_dir / METRICS)  # else the first record would continue a killed run's half line
+    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps({"kind": kind, "step": step, "time": now, **record}, default=_jsonable) + "\n")
     finite = [(t, float(v), s) for t, v, s in scalars if isinstance(v, (int, float)) and math.isfinite(v)]
