@@ -16,6 +16,7 @@ import glob
 import hashlib
 import inspect
 import os
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -151,6 +152,9 @@ def _split_and_filter(dataset_dict, data_cfg: DictConfig, origin: str):
         if column not in ds.column_names:
             raise DataError(f"{origin}: split {split!r} has no column data.text_column={column!r}; "
                             f"columns: {', '.join(ds.column_names)}")
+        if not _is_text(ds.features[column]):
+            raise DataError(f"{origin}: split {split!r} column data.text_column={column!r} holds "
+                            f"{ds.features[column]}, not strings; name a text column")
     dataset_dict = datasets.DatasetDict({
         split: ds.select_columns([column]).rename_column(column, "text") if column != "text"
         else ds.select_columns(["text"])
@@ -180,21 +184,202 @@ def _split_and_filter(dataset_dict, data_cfg: DictConfig, origin: str):
 
 
 def _not_utf8_message(files: list[str], err: UnicodeDecodeError) -> str:
-    """Name the first file that does not decode as UTF-8 (datasets' error does not say which)."""
-    import codecs
-
+    """Name the first file that does not decode as UTF-8, and the line (datasets' error says neither)."""
     for path in files:
-        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with open(path, "rb") as f:
-            try:
-                while chunk := f.read(1 << 20):
-                    decoder.decode(chunk)
-                    offset += len(chunk)
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError as bad:
-                return (f"data.paths: {path!r} is not UTF-8 text ({bad.reason} at byte {offset + bad.start}); "
-                        "convert it to UTF-8")
+        problem = _not_utf8_line(path)
+        if problem:
+            return f"data.paths: {path!r} {problem}"
     return f"data.paths: a file is not UTF-8 text ({err.reason})"
+
+
+def _not_utf8_line(path: str) -> str | None:
+    """Why the file at `path` is not UTF-8 text, naming the 1-based line, or None if it is. Line by
+    line is exact: the newline byte never occurs inside a UTF-8 multi-byte sequence."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return (f"line {lineno} is not UTF-8 text ({bad.reason} at byte {offset + bad.start} of the file); "
+                        f"convert it to UTF-8")
+            offset += len(line)
+    return None
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "a JSON boolean"
+    if isinstance(value, (int, float)):
+        return "a JSON number"
+    return {list: "a JSON array", dict: "a JSON object", str: "a JSON string"}.get(type(value), "a JSON null")
+
+
+def _shown(value) -> str:
+    import json
+
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _record_problem(record, column: str) -> str | None:
+    """Why one JSON record gives no document text: not an object, or its text is no string. A
+    missing or null text is no problem here (the record is dropped like an empty document)."""
+    if not isinstance(record, dict):
+        return f"is {_shown(record)}, {_json_kind(record)}, not an object like {{\"{column}\": \"...\"}}"
+    value = record.get(column)
+    if value is None or isinstance(value, str):
+        return None
+    return (f"has {column!r} = {_shown(value)}, {_json_kind(value)}, not a string; the text of every document "
+            f"must be a JSON string (data.text_column={column!r})")
+
+
+def _bad_json_line(path: str, column: str) -> str | None:
+    """The first line (JSON Lines) or record (a JSON array) of the file that gives no document, and
+    why; None when every one does."""
+    import json
+
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if not head.startswith("["):
+            first = None
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                first = first or lineno
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    if lineno == first and _is_one_json_document(path):
+                        break  # one JSON value over several lines, read whole below
+                    return f"line {lineno} is not valid JSON ({err.msg} at column {err.colno})"
+                problem = _record_problem(record, column)
+                if problem:
+                    return f"line {lineno} {problem}"
+            else:
+                return None
+            f.seek(0)
+        try:
+            document = json.load(f)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno} is not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(document, list):
+        problem = _record_problem(document, column)
+        return f"holds one JSON value that {problem}" if problem else None
+    for i, record in enumerate(document, 1):
+        if isinstance(record, str):  # datasets reads an array of strings as the text column
+            continue
+        problem = _record_problem(record, column)
+        if problem:
+            return f"record {i} of its JSON array {problem}"
+    return None
+
+
+def _is_one_json_document(path: str) -> bool:
+    import json
+
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            json.load(f)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_rows(path: str):
+    """(1-based line where the row starts, row) for each row of a CSV file; csv.Error names the line."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                if "end of data" in str(err) or "EOF" in str(err):
+                    raise csv.Error(f"line {start} opens a quoted field that never closes") from None
+                raise csv.Error(f"line {start}: {err}") from None
+            yield start, row
+            start = reader.line_num + 1
+
+
+def _csv_header_problem(path: str, column: str) -> str | None:
+    """Why the header of the CSV file names no text column, or None (also when it cannot be read:
+    the later reading error says why)."""
+    import csv
+
+    try:
+        header = next((row for _, row in _csv_rows(path)), None)
+    except (UnicodeDecodeError, csv.Error):
+        return None
+    if header is None or column in header:
+        return None
+    return (f"line 1 (the header) has no column data.text_column={column!r}; its columns: "
+            f"{', '.join(header[:10]) or '(none)'}; set data.text_column to the one holding the text")
+
+
+def _bad_csv_line(path: str, column: str) -> str | None:
+    """The first row of the CSV file that pandas would not read, and why; None when none."""
+    import csv
+
+    try:
+        rows = _csv_rows(path)
+        _, header = next(rows, (1, None))
+        if header is None:
+            return None
+        for lineno, row in rows:
+            if len(row) > len(header):
+                return (f"line {lineno} has {len(row)} fields but the header (line 1) has {len(header)}; quote "
+                        f"fields that contain the separator")
+    except csv.Error as err:
+        return str(err)
+    return _csv_header_problem(path, column)
+
+
+def _parquet_problem(path: str, column: str) -> str | None:
+    """Why the Parquet file gives no text column (unreadable, no such column, not strings), or None."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        return f"is not a readable Parquet file ({_first_line(err)})"
+    if column not in schema.names:
+        return (f"has no column data.text_column={column!r}; its columns: {', '.join(schema.names[:10])}; set "
+                f"data.text_column to the one holding the text")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        return f"has column {column!r} of type {kind}, not strings; store the text as a string column"
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _first_bad_line(files: list[str], fmt: str, column: str) -> str | None:
+    """The first file that gives no documents and why, naming its 1-based line or record; None when
+    no file shows a problem. Reads every file: called only once loading has gone wrong."""
+    check = {"json": _bad_json_line, "csv": _bad_csv_line, "parquet": _parquet_problem}.get(fmt)
+    for path in files:
+        problem = (None if fmt == "parquet" else _not_utf8_line(path)) or (check(path, column) if check else None)
+        if problem:
+            return f"data.paths: {path!r} {problem}"
+    return None
+
+
+def _is_text(feature) -> bool:
+    """Whether a datasets feature holds strings (or nothing but nulls)."""
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")
 
 
 class TextFilesCorpus:
@@ -225,13 +410,33 @@ class TextFilesCorpus:
         empty = [f for f in files if os.path.getsize(f) == 0]
         if len(empty) == len(files):
             raise DataError(f"data.paths: every file is empty ({', '.join(files[:3])})")
+        fmt, column = formats.pop(), data_cfg.text_column
+        # Cheap checks of every file's header or schema first; reading row by row waits for a failure.
+        early = {"csv": _csv_header_problem, "parquet": _parquet_problem}.get(fmt)
+        for path in files if early else ():
+            problem = early(path, column) if path not in empty else None
+            if problem:
+                raise DataError(f"data.paths: {path!r} {problem}")
+        # CSV has no types: the text column is text even where it looks like numbers ("1", "2.50").
+        options = {"converters": {column: str}} if fmt == "csv" else {}
         try:
-            raw = datasets.load_dataset(formats.pop(), data_files={"train": files})
+            raw = datasets.load_dataset(fmt, data_files={"train": files}, **options)
         except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
             cause = err if isinstance(err, UnicodeDecodeError) else err.__cause__ or err
+            problem = _first_bad_line(files, fmt, column)
+            if problem:
+                raise DataError(problem) from None
             if isinstance(cause, UnicodeDecodeError):
                 raise DataError(_not_utf8_message(files, cause)) from None
-            raise DataError(f"data.paths: cannot read {files[0]!r}: {str(cause).splitlines()[0]}") from None
+            where = repr(files[0]) if len(files) == 1 else f"one of {len(files)} files ({', '.join(files[:3])}...)"
+            # pyarrow's "in row N" counts from 0 within a block, not lines of the file: left out.
+            reason = re.sub(r" in row \d+$", "", _first_line(cause))
+            raise DataError(f"data.paths: cannot read {where}: {reason}") from None
+        feature = raw["train"].features.get(column)
+        if feature is not None and not _is_text(feature):
+            problem = _first_bad_line(files, fmt, column)
+            if problem:
+                raise DataError(problem)
         corpus = _split_and_filter(raw, data_cfg, f"data.paths={list(files)[:3]}")
         return corpus, fingerprint("text_files", raw["train"]._fingerprint, data_cfg.text_column,
                                    data_cfg.min_doc_chars, data_cfg.max_docs, data_cfg.validation_fraction)
