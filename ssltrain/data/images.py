@@ -210,17 +210,40 @@ def find_images(root: str) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, classes
 
 
-def _folder_pixels(batch: dict, channels: int, size: int) -> dict:
-    from PIL import Image, UnidentifiedImageError
+def open_image(path: str, origin: str):
+    """The decoded PIL image at `path`; a one-line DataError naming the file otherwise. An image
+    whose header claims more than PIL's Image.MAX_IMAGE_PIXELS (a decompression bomb: a small file
+    that decodes to gigabytes) is refused before it is decoded, at PIL's warning as at its error."""
+    import warnings
 
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            try:
+                image.load()
+            except BaseException:
+                image.close()
+                raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{origin} is refused as a possible decompression bomb ({str(err).strip().rstrip('.')}); "
+                        f"ssltrain reads images of at most Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels, "
+                        f"PIL's default limit: shrink the image or remove it") from None
+    except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, EOFError, ...): all the file's
+        text = str(err).strip()
+        raise DataError(f"{origin} is not a readable image ({text.splitlines()[0] if text else type(err).__name__})") \
+            from None
+    return image
+
+
+def _folder_pixels(batch: dict, channels: int, size: int) -> dict:
     pixels = []
     for path in batch["path"]:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                pixels.append(pil_to_pixels(image, channels, size, f"data.path: {path!r}"))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"data.path: {path!r} is not a readable image ({str(err).splitlines()[0]})") from None
+        origin = f"data.path: {path!r}"
+        with open_image(path, origin) as image:
+            pixels.append(pil_to_pixels(image, channels, size, origin))
     return {"pixels": pixels, "label": batch["label"]}
 
 
