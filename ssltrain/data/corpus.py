@@ -235,35 +235,47 @@ def _record_problem(record, column: str) -> str | None:
 
 
 def _bad_json_line(path: str, column: str) -> str | None:
-    """The first line (JSON Lines) or record (a JSON array) of the file that gives no document, and
-    why; None when every one does."""
+    """The first line (JSON Lines) or record (a JSON array, or one object over several lines) of
+    the file that gives no document, and why; None when every one does."""
     import json
 
     with open(path, encoding="utf-8-sig") as f:
-        head = f.read(4096).lstrip()
+        if f.read(4096).lstrip().startswith("["):
+            try:
+                return _bad_json_document(_read_json(path), column)
+            except json.JSONDecodeError as err:
+                return f"line {err.lineno} is not valid JSON ({err.msg} at column {err.colno})"
         f.seek(0)
-        if not head.startswith("["):
-            first = None
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                first = first or lineno
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    if lineno == first and _is_one_json_document(path):
-                        break  # one JSON value over several lines, read whole below
-                    return f"line {lineno} is not valid JSON ({err.msg} at column {err.colno})"
-                problem = _record_problem(record, column)
-                if problem:
-                    return f"line {lineno} {problem}"
-            else:
-                return None
-            f.seek(0)
-        try:
-            document = json.load(f)
-        except json.JSONDecodeError as err:
-            return f"line {err.lineno} is not valid JSON ({err.msg} at column {err.colno})"
+        first = True
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if first:  # perhaps one JSON value written over several lines
+                    try:
+                        return _bad_json_document(_read_json(path), column)
+                    except json.JSONDecodeError:
+                        pass
+                return f"line {lineno} is not valid JSON ({err.msg} at column {err.colno})"
+            first = False
+            problem = _record_problem(record, column)
+            if problem:
+                return f"line {lineno} {problem}"
+    return None
+
+
+def _read_json(path: str):
+    import json
+
+    with open(path, encoding="utf-8-sig") as f:
+        return json.load(f)
+
+
+def _bad_json_document(document, column: str) -> str | None:
+    """Why a file's one JSON value (an array of records or strings, or one record) gives no
+    documents; None when it does."""
     if not isinstance(document, list):
         problem = _record_problem(document, column)
         return f"holds one JSON value that {problem}" if problem else None
@@ -274,17 +286,6 @@ def _bad_json_line(path: str, column: str) -> str | None:
         if problem:
             return f"record {i} of its JSON array {problem}"
     return None
-
-
-def _is_one_json_document(path: str) -> bool:
-    import json
-
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            json.load(f)
-    except ValueError:
-        return False
-    return True
 
 
 def _csv_rows(path: str):
