@@ -7,7 +7,12 @@ A checkpoint is a folder `checkpoints/step-00000100/` holding
   rng-rank<R>.pt        python / numpy / torch / CUDA RNG states of every rank
   trainer_state.json    step, data position (epoch, batch), tokens seen, state_format, ...
   config.yaml           the resolved run config
-It is written under a temporary name, fsynced, then renamed: a folder named step-* is complete.
+  manifest.json         written last: every other file's size and SHA-256
+It is written under a temporary name, fsynced, then renamed: a folder named step-* is complete, and
+a resume verifies it against its manifest first (a truncated, corrupted, replaced or missing file
+makes the resume fall back to the newest checkpoint that verifies). A checkpoint is never written
+when the weights or optimizer moments hold a NaN/inf. Pruning renames a checkpoint out of the
+step-* names before deleting it.
 
 How model and optimizer state are written depends on the engine (`state_format`):
   replicated     one process or DDP: rank 0 writes its copy (above)
@@ -23,6 +28,8 @@ A checkpoint resumes under the format that wrote it. The export in final/ is alw
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -38,6 +45,8 @@ from ssltrain.errors import UserError
 
 PREFIX = "step-"
 EXIT_CHECKPOINT_WRITE = 4  # exit code when a checkpoint cannot be written (disk full, ...)
+MANIFEST = "manifest.json"
+PRUNED, REPLACED = ".pruned-", ".old-"  # prefixes of checkpoints being deleted / replaced
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 SHARDED_DIR = "sharded"  # fsdp-sharded: torch.distributed.checkpoint folder (complete once .metadata exists)
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
@@ -218,47 +227,62 @@ def save_checkpoint(root: Path, step: int, accelerator, objective, optimizer, sc
     root = Path(root)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    if not finite_state(accelerator, objective, optimizer):  # collective
+        raise NonFiniteState(f"the weights or optimizer moments at step {step} hold NaN/inf values; checkpoint "
+                             f"{final.name} was not written")
     try:
+        if accelerator.is_main_process:
+            with _writing(tmp):
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
         accelerator.wait_for_everyone()
         fmt = state_format(accelerator)
         state_dict = None if fmt == "fsdp-sharded" else full_state_dict(accelerator, objective)  # collective
         optim_state = _full_optimizer_state(accelerator, objective, optimizer) if fmt == "fsdp-full" else None
-        torch.save(capture_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+        rng_file = tmp / f"rng-rank{accelerator.process_index}.pt"
+        with _writing(rng_file):
+            torch.save(capture_rng_state(), rng_file)
         if fmt == "fsdp-sharded":
-            _save_sharded(tmp / SHARDED_DIR, objective, optimizer)
+            with _writing(tmp / SHARDED_DIR):
+                _save_sharded(tmp / SHARDED_DIR, objective, optimizer)
         elif fmt == "deepspeed":  # the engine's own format: each rank's ZeRO optimizer partition
-            objective.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+            with _writing(tmp / DEEPSPEED_DIR):
+                objective.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
         accelerator.wait_for_everyone()  # every rank's part is written before rank 0 fsyncs the folder
         if accelerator.is_main_process:
-            if state_dict is not None:
-                save_weights(state_dict, tmp / "model.safetensors")
-            if fmt != "deepspeed" and fmt != "fsdp-sharded":
-                torch.save(optimizer.state_dict() if optim_state is None else optim_state, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-            (tmp / "config.yaml").write_text(config_yaml)
             state = {**trainer_state, "step": step, "world_size": accelerator.num_processes, "state_format": fmt}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            _fsync_tree(tmp)
+            files = {
+                "model.safetensors": None if state_dict is None else lambda f: save_weights(state_dict, f),
+                "optimizer.pt": None if fmt in ("deepspeed", "fsdp-sharded") else lambda f: torch.save(
+                    optimizer.state_dict() if optim_state is None else optim_state, f),
+                "scheduler.pt": lambda f: torch.save(scheduler.state_dict(), f),
+                "scaler.pt": None if accelerator.scaler is None else lambda f: torch.save(
+                    accelerator.scaler.state_dict(), f),
+                "config.yaml": lambda f: f.write_text(config_yaml),
+                "trainer_state.json": lambda f: f.write_text(json.dumps(state, indent=2)),
+                MANIFEST: lambda f: write_manifest(tmp),  # last: a manifest that verifies means every file is whole
+            }
+            for name, write in files.items():
+                if write is not None:
+                    with _writing(tmp / name):
+                        write(tmp / name)
+            with _writing(tmp):
+                _fsync_tree(tmp)
         accelerator.wait_for_everyone()  # no rank may fail between here and the rename
-    except OSError as err:  # disk full, quota, permissions: keep what was there, say so
+    except CheckpointWriteError as err:  # disk full, quota, permissions, a file size limit: say so, keep the rest
         shutil.rmtree(tmp, ignore_errors=True)
         from ssltrain.faults import RunStopped
 
         previous = latest_checkpoint(root)
-        raise RunStopped(f"could not write checkpoint {final}: {err.strerror or err}; nothing partial was left and "
-                         f"the last complete checkpoint is {previous or 'none'}", EXIT_CHECKPOINT_WRITE) from None
+        raise RunStopped(f"could not write checkpoint {final}: {err}; nothing partial was left and the last "
+                         f"complete checkpoint is {previous or 'none'}", EXIT_CHECKPOINT_WRITE) from None
     except BaseException:  # a peer process died (collective error), a second Ctrl-C: leave no temp folder either
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if accelerator.is_main_process:
-        replaced = root / f".old-{checkpoint_name(step)}"
+        replaced = root / f"{REPLACED}{checkpoint_name(step)}"
         if final.exists():  # re-saving the same step (e.g. the end of a resumed run): swap, then delete
             shutil.rmtree(replaced, ignore_errors=True)
             os.rename(final, replaced)
@@ -270,6 +294,119 @@ def save_checkpoint(root: Path, step: int, accelerator, objective, optimizer, sc
     return final
 
 
+class NonFiniteState(RuntimeError):
+    """save_checkpoint refused to write weights or optimizer moments that are not finite."""
+
+
+def finite_state(accelerator, objective, optimizer) -> bool:
+    """Whether every parameter and every floating-point optimizer state tensor (AdamW's moments) is finite
+    on every rank (collective). Under FSDP each rank checks its shards."""
+    local = all(bool(torch.isfinite(p.detach()).all()) for p in objective.parameters())
+    if local:
+        for state in _torch_optimizer(optimizer).state.values():
+            tensors = [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                local = False
+                break
+    if accelerator.num_processes == 1:
+        return local
+    flag = torch.tensor(int(local), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint file could not be written; str() says which and why, in one line."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn a failure of the writes inside into CheckpointWriteError naming `path`. torch.save and safetensors
+    do not raise OSError for a full disk or a file size limit (torch: "unexpected pos 576 vs 534", safetensors:
+    SafetensorError), so what fails inside a write is taken as the write failing, except a peer process gone
+    (a collective inside a sharded save) and an object that cannot be serialised (a bug, not the disk)."""
+    import pickle
+
+    from ssltrain.faults import peer_lost
+
+    try:
+        yield
+    except (pickle.PicklingError, TypeError):
+        raise
+    except Exception as err:
+        if peer_lost(err):
+            raise
+        raise CheckpointWriteError(f"{path.name}: {_write_reason(err, path)}") from err
+
+
+def _write_reason(err: BaseException, path: Path) -> str:
+    """The OS's reason where there is one; else the writer's words, and what is short on the filesystem."""
+    import resource
+
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]
+    hints = []
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None:
+        free = shutil.disk_usage(existing).free
+        if free < 64 << 20:
+            hints.append(f"{free >> 20} MiB free on its filesystem")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        hints.append(f"a file size limit of {limit} bytes (ulimit -f)")
+    return reason + (f" ({'; '.join(hints)})" if hints else "")
+
+
+# ---------------------------------------------------------------- manifest
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """folder/manifest.json: {"files": {relative path: {"size", "sha256"}}} of every file in folder."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1))
+
+
+def checkpoint_problem(path: Path, checksums: bool = True) -> str | None:
+    """What is wrong with the checkpoint folder `path` (None when it verifies): a missing manifest, a file
+    the manifest lists that is missing, a link, of another size, or (checksums=True) of other content, or
+    a file the manifest does not list."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict) and files
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (incomplete, or written before ssltrain wrote manifests)"
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{MANIFEST} is unreadable"
+    for name, meta in files.items():
+        file = path / name
+        if file.is_symlink():
+            return f"{name} is a link, not the file that was written"
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            size, digest = int(meta["size"]), str(meta["sha256"])
+        except (KeyError, TypeError, ValueError):
+            return f"{MANIFEST} has no size and checksum for {name}"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if checksums and _digest(file) != digest:
+            return f"{name} does not match its checksum (corrupted or replaced)"
+    extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
+                   and p.relative_to(path).as_posix() not in files)
+    if extra:
+        return f"{extra[0]} was not written with the checkpoint"
+    return None
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     root = Path(root)
@@ -277,6 +414,18 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def recover_checkpoints(root: Path) -> None:
+    """A process killed between the two renames of a re-save leaves its step only as .old-step-N: name it
+    step-N again. Main process only, before looking for the newest checkpoint."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for old in root.glob(f"{REPLACED}{PREFIX}*"):
+        final = root / old.name[len(REPLACED):]
+        if not final.exists():
+            os.rename(old, final)
 
 
 def required_files(path: Path) -> list[str]:
@@ -290,22 +439,53 @@ def required_files(path: Path) -> list[str]:
 
 
 def is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in required_files(path))
+    """Every file of the checkpoint is there, whole (sizes as its manifest says; checksums not read)."""
+    return checkpoint_problem(path, checksums=False) is None
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """Newest complete checkpoint; incomplete ones are skipped with a warning naming them."""
+def latest_checkpoint(root: Path, checksums: bool = False, warn: bool = True) -> Path | None:
+    """Newest checkpoint that verifies (checksums=True: every file's content too, as a resume does); the
+    newer ones that do not are skipped with a warning naming the folder and what is wrong."""
     for path in reversed(list_checkpoints(root)):
-        if is_complete(path):
+        problem = checkpoint_problem(path, checksums=checksums)
+        if problem is None:
             return path
-        warnings.warn(f"skipping incomplete checkpoint {path}", stacklevel=2)
+        if warn:
+            warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+    return None
+
+
+def checkpoint_to_resume(root: Path) -> Path | None:
+    """trainer.resume=auto: the newest checkpoint under root that verifies, None when there is none at all;
+    a UserError when there are checkpoints but none verifies (starting over would silently lose the run)."""
+    import sys
+
+    recover_checkpoints(root)
+    candidates = list_checkpoints(root)
+    problems = {}
+    for path in reversed(candidates):
+        problems[path] = checkpoint_problem(path)
+        if problems[path] is None:
+            return path
+        print(f"ssltrain: warning: skipping checkpoint {path}: {problems[path]}", file=sys.stderr)
+    if candidates:
+        newest = candidates[-1]
+        raise UserError(f"no checkpoint in {root} verifies ({len(candidates)} found; newest {newest.name}: "
+                        f"{problems[newest]}); start over with trainer.resume=null or a new hydra.run.dir")
     return None
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, each first renamed out of the step-* names, so that
+    a process killed while deleting never leaves a step-* folder with files missing."""
+    root = Path(root)
     for path in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-    for stale in Path(root).glob(f".tmp-{PREFIX}*"):  # a writer killed outright (SIGKILL) could not remove it
+        doomed = root / f"{PRUNED}{path.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(path, doomed)
+    _fsync_dir(root)
+    # Left by a writer or a pruner killed outright (SIGKILL), which could not remove them.
+    for stale in [*root.glob(f".tmp-{PREFIX}*"), *root.glob(f"{PRUNED}{PREFIX}*")]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -343,17 +523,19 @@ def config_mismatches(saved, current) -> list[str]:
     return differing
 
 
-def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cfg=None) -> dict:
+def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cfg=None, verified: bool = False) -> dict:
     """Restore everything save_checkpoint wrote, for this rank. Returns trainer_state.
+    The folder is verified against its manifest first, unless `verified` (checkpoint_to_resume did).
     With cfg, refuse a checkpoint whose run differs in a setting of RESUME_MUST_MATCH."""
     from omegaconf import OmegaConf
 
     path = Path(path)
-    if not is_complete(path):
-        missing = [n for n in required_files(path) if not (path / n).is_file()]
-        raise UserError(f"trainer.resume={str(path)!r} is not a complete checkpoint (missing {', '.join(missing)})")
+    problem = None if verified else checkpoint_problem(path)
+    if problem:
+        raise UserError(f"trainer.resume={str(path)!r} is not a complete checkpoint: {problem}")
     # Before the config: with trainer.micro_batch_size=auto another process count also changes the micro-batch.
     state = json.loads((path / "trainer_state.json").read_text())
+    _check_state(path, state, None if cfg is None else cfg.trainer.max_steps)
     if state.get("world_size", 1) != accelerator.num_processes:
         raise UserError(f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "
                         f"{accelerator.num_processes}; resume with the same process count")
@@ -385,11 +567,29 @@ def load_checkpoint(path: Path, accelerator, objective, optimizer, scheduler, cf
         _check_keys(path, result.missing_keys, result.unexpected_keys)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if getattr(scheduler, "last_epoch", state["step"]) != state["step"]:  # the scheduler steps once per step
+        raise UserError(f"checkpoint {path} is inconsistent: trainer_state.json says step {state['step']}, "
+                        f"scheduler.pt says {scheduler.last_epoch}")
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
     restore_rng_state(torch.load(rng_file, weights_only=True))
     return state
+
+
+def _check_state(path: Path, state: dict, max_steps: int | None) -> None:
+    """The trainer_state values a resume relies on are in range (a hand-edited or foreign file is refused)."""
+    def count(key: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"checkpoint {path}: {key}={value!r} in trainer_state.json is not a count >= 0")
+        return value
+
+    step = count("step", state.get("step"))
+    if max_steps is not None and step > max_steps:
+        raise UserError(f"checkpoint {path} is at step {step}, beyond trainer.max_steps={max_steps}; resume with "
+                        f"trainer.max_steps>={step}")
+    count("epoch", state.get("epoch", 0))
+    count("batch", state.get("batch", 0))
 
 
 # ---------------------------------------------------------------- export

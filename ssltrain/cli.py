@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 from ssltrain import launch
 from ssltrain.errors import UserError
+from ssltrain.faults import StopNow, StopSignals
 from ssltrain.paths import config_dir
+from ssltrain.runlock import RunDirBusy, check_free
 
 CONFIG_NAME = "train"
 EXIT_USER_ERROR = 2
@@ -113,6 +116,9 @@ def preflight(argv: list[str]) -> None:
     info_only = any(getattr(args, flag, None) for flag in _INFO_FLAGS)
     if not info_only:
         check_output_dirs(args.overrides, multirun=args.multirun)
+        run_dirs = [o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")]
+        if run_dirs and not args.multirun and "${" not in run_dirs[-1] and launch.rank() == 0:
+            check_free(os.path.expanduser(run_dirs[-1]))  # before Hydra writes .hydra/ into another run's folder
     # Hydra's own keys (hydra.run.dir=...) are Hydra's to check; ours are everything else.
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     conf_dir = os.path.abspath(args.config_dir) if args.config_dir else str(config_dir())
@@ -200,7 +206,8 @@ def _remove_unfinished_run(run_dir: Path, job_log: str = "ssltrain.log") -> None
     (job_log: Hydra's log file, <hydra.job.name>.log)."""
     if not run_dir.is_dir():
         return
-    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", job_log, "config.yaml", "metrics.jsonl", "tb"}
+    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", job_log, "config.yaml", "metrics.jsonl", "tb",
+                                                        ".lock", ".metrics.jsonl.tmp"}
     if not leftovers:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -219,7 +226,7 @@ def _hydra_app():
             launch.join_job()  # a task of a submitit job (hydra/launcher=submitit_*): one group of all its tasks
             train(cfg, run_dir)
         except UserError as err:
-            if launch.rank() == 0:
+            if launch.rank() == 0 and not isinstance(err, RunDirBusy):  # a busy directory is another run's
                 _remove_unfinished_run(run_dir, f"{HydraConfig.get().job.name}.log")
             fail(str(err))
         except RunStopped as stopped:
@@ -237,18 +244,31 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     register_resolvers()
     argv = sys.argv[1:]
-    try:
-        launch.join_job()  # srun started several tasks: they form one process group
-        launch.check_not_alone()
-        preflight(argv)
-    except UserError as err:
-        fail(str(err), every_rank=False)
-    scratch = _isolate_non_main_rank(sys.argv)
-    try:
-        _hydra_app()()
-    finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+    # A stop signal before train() handles them itself (the command line's checks, Hydra's set-up) ends
+    # the process cleanly too: nothing has been trained.
+    with StopSignals():
+        try:
+            launch.join_job()  # srun started several tasks: they form one process group
+            launch.check_not_alone()
+            preflight(argv)
+        except UserError as err:
+            fail(str(err), every_rank=False)
+        except StopNow as now:
+            _stopped_at_start(now.signum)
+        scratch = _isolate_non_main_rank(sys.argv)
+        try:
+            _hydra_app()()
+        except StopNow as now:
+            _stopped_at_start(now.signum)
+        finally:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stopped_at_start(signum: int) -> None:
+    print(f"ssltrain: {signal.Signals(signum).name} received before the first training step: nothing was trained, "
+          f"nothing needed saving", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

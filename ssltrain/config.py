@@ -218,6 +218,7 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
     world_size = world_size or world_size_from_env()
     t = cfg.trainer
     resolve_micro_batch_size(cfg, world_size)
+    _check_float32(cfg)
     betas = select(cfg, "optimizer.betas")
     if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optimizer.betas={list(betas)!r} is invalid; expected two numbers in [0, 1)")
@@ -252,6 +253,20 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
             f"{positions}; use trainer.seq_len<={positions - (needed - t.seq_len)} or a larger "
             f"model.config position size"
         )
+
+
+FLOAT32_TINY = 2.0 ** -126  # the smallest normal float32: AdamW's moments and updates are float32
+
+
+def _check_float32(cfg: DictConfig) -> None:
+    """Optimizer values that are positive as typed but 0 (or denormal) in float32, where the optimizer uses
+    them: eps=1e-300 is 0 there, and AdamW divides by sqrt(v) + eps = 0 for a parameter with no gradient yet."""
+    for key in ("optimizer.eps", "optimizer.lr"):
+        value = select(cfg, key)
+        if 0 < value < FLOAT32_TINY:
+            raise ConfigError(f"{key}={value!r} is below float32's smallest normal number ({FLOAT32_TINY:.3g}), the "
+                              f"dtype the optimizer computes in, where it is 0 or loses precision; use a value >= "
+                              f"{FLOAT32_TINY:.3g} (AdamW's usual eps: 1e-8 to 1e-6)")
 
 
 def _check_scheduler(name: str) -> None:

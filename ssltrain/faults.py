@@ -1,10 +1,14 @@
 """Faults a long run must survive: preemption signals and non-finite steps.
 
-SIGTERM / SIGINT / SIGUSR2 ask the loop to stop at the next step boundary, where it saves a
-checkpoint and exits with 128 + signal number; a second Ctrl-C exits at once. SIGTERM is what
-SLURM, Kubernetes and most schedulers send on preemption; SIGUSR2 is what submitit asks SLURM to
-send before a time limit or preemption (`--signal=USR2@<seconds>`), and within a submitit job the
-signal then goes on to submitit's own handler, which requeues the job. A step whose gradient norm
+SIGTERM / SIGINT / SIGHUP / SIGUSR2 stop a run cleanly wherever they arrive. During training
+(and the evaluations and export that follow it) they are deferred to the next step boundary,
+where the loop saves a checkpoint and exits with 128 + signal number; before the first step
+(start-up: data, tokenizer, model, compilation) the run stops at once with a message, nothing
+having been trained since the last checkpoint. A second Ctrl-C exits at once. SIGTERM is what
+SLURM, Kubernetes and most schedulers send on preemption; SIGHUP what a dropped ssh session sends
+(left alone when the run was started under nohup, which ignores it); SIGUSR2 what submitit asks
+SLURM to send before a time limit or preemption (`--signal=USR2@<seconds>`), and within a
+submitit job the signal then goes on to submitit's own handler, which requeues the job. A step whose gradient norm
 is not finite is skipped (counted in the records); too many in a row stop the run with the
 last good checkpoint left intact. When another process of a multi-process run dies, the next
 collective fails on the others (gloo: connection reset by peer) and they stop with exit code
@@ -15,11 +19,10 @@ hardware.collective_timeout_s, with the same exit.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import threading
-
-import torch
 
 EXIT_PEER_LOST = 5  # exit code when another process of a multi-process run is gone
 # What gloo says when the process at the other end of a collective has died, or has not answered
@@ -37,20 +40,42 @@ class RunStopped(Exception):
         self.signum = signum  # the stop signal that ended the run, if one did
 
 
-class StopSignals:
-    """Records SIGTERM/SIGINT/SIGUSR2 instead of dying mid-step. Use as a context manager."""
+class StopNow(BaseException):
+    """A stop signal arrived outside the deferred part of the run (start-up). A BaseException, as
+    KeyboardInterrupt is, so that no library's `except Exception` swallows it."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """Handles SIGTERM/SIGINT/SIGHUP/SIGUSR2 for the whole run. Use as a context manager; inside it a
+    signal raises StopNow at once, except within `deferred()`, where it is recorded for `requested`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._deferring = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
+                if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # started under nohup: a dropped session is meant not to stop the run
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals wait for the next step boundary (`requested`) instead of interrupting."""
+        before, self._deferring = self._deferring, True
+        try:
+            yield self
+        finally:
+            self._deferring = before
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None and peer_lost(exc):
@@ -65,11 +90,15 @@ class StopSignals:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: leave now
         self.signum = signum
+        if not self._deferring:
+            raise StopNow(signum)
 
     def requested(self, accelerator) -> bool:
         """True on every rank once any rank got a signal (so all ranks stop at the same step)."""
         if accelerator.num_processes == 1:
             return self.signum is not None
+        import torch
+
         flag = torch.tensor(0 if self.signum is None else int(self.signum), device=accelerator.device)
         flag = accelerator.reduce(flag, reduction="sum")
         if self.signum is None and flag.item():

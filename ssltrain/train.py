@@ -16,7 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssltrain.checkpoint import (
+    NonFiniteState,
     checkpoint_name,
+    checkpoint_problem,
+    checkpoint_to_resume,
     clean_name,
     export_pretrained,
     full_state_dict,
@@ -34,9 +37,10 @@ from ssltrain.data.streaming import is_streaming, prepare_streaming
 from ssltrain.data.tokenizer import build_tokenizer
 from ssltrain.errors import ConfigError, DataError, UserError
 from ssltrain.evaluation.heldout import accumulate, evaluate, reduce_metrics
-from ssltrain.faults import NonFiniteGuard, RunStopped, StopSignals, peer_lost, peer_lost_stop
+from ssltrain.faults import NonFiniteGuard, RunStopped, StopNow, StopSignals, peer_lost, peer_lost_stop
 from ssltrain.objectives import build_objective, objective_class
 from ssltrain.optim import build_optimizer, build_scheduler
+from ssltrain.runlock import RunLock
 from ssltrain.tracking import RunTracker
 
 EXIT_DIVERGED = 3  # exit code when too many non-finite steps stop a run
@@ -83,11 +87,35 @@ def build_accelerator(hw: DictConfig, micro_batch_size: int = 1, grad_clip: floa
 
 
 def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
+    """The checkpoint trainer.resume names, verified against its manifest (None: start fresh)."""
     if resume is None:
         return None
     if resume == "auto":
-        return latest_checkpoint(checkpoint_root)
-    return Path(resume).expanduser()
+        return checkpoint_to_resume(checkpoint_root)
+    path = Path(resume).expanduser()
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"trainer.resume={resume!r} is not a complete checkpoint: {problem}")
+    return path
+
+
+def resume_point(resume: str | None, checkpoint_root: Path, accelerator) -> Path | None:
+    """resolve_resume on the main process (which alone renames, hashes and warns), its answer on every
+    rank; a UserError there is raised on every rank, so that none waits for the others."""
+    answer: list = [None, None]
+    if accelerator.is_main_process:
+        try:
+            found = resolve_resume(resume, checkpoint_root)
+            answer = [None if found is None else str(found), None]
+        except UserError as err:
+            answer = [None, str(err)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        answer = broadcast_object_list(answer, from_process=0)
+    if answer[1] is not None:
+        raise UserError(answer[1])
+    return None if answer[0] is None else Path(answer[0])
 
 
 def prepare_data(cfg: DictConfig, accelerator, objective_cls):
@@ -262,8 +290,27 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Pretrain as configured; write records, checkpoints and the export under run_dir.
 
     Returns {"run_dir", "step", "eval": final held-out metrics, "export": path or None}.
+    A stop signal (faults.StopSignals) before the first step ends the run at once (RunStopped); from
+    the first step on it waits for a step boundary, saves a checkpoint and ends the run (RunStopped).
     """
     validate_config(cfg)
+    with StopSignals() as stop:
+        try:
+            return _train(cfg, run_dir, stop)
+        except StopNow as now:
+            raise _stopped_before_training(now.signum, Path(run_dir)) from None
+
+
+def _stopped_before_training(signum: int, run_dir: Path) -> RunStopped:
+    name = signal.Signals(signum).name
+    last = latest_checkpoint(run_dir.resolve() / "checkpoints", warn=False)
+    then = (f"its newest checkpoint {last} stays; resume with the same command plus hydra.run.dir={run_dir.resolve()}"
+            if last else "run the same command to start again")
+    return RunStopped(f"{name} received before the first training step: nothing was trained, nothing needed "
+                      f"saving; {then}", 128 + signum, signum=signum)
+
+
+def _train(cfg: DictConfig, run_dir: str | Path, stop: StopSignals) -> dict:
     training = build_training(cfg)
     accelerator, objective, optimizer, scheduler = (training.accelerator, training.objective, training.optimizer,
                                                     training.scheduler)
@@ -275,6 +322,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     hooks = accelerator.unwrap_model(objective)  # derived_metrics: the Objective's own method
     reports_ppl = type(hooks).reports_perplexity
 
+    lock = RunLock(run_dir).acquire() if main else None  # a second run on this directory stops here
     tracker = RunTracker(run_dir, t.max_steps, enabled=main)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if main:
@@ -283,9 +331,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     try:
         step, tokens_seen, position = 0, 0, DataPosition()
         checkpoint_root = run_dir / "checkpoints"
-        resume_from = resolve_resume(t.resume, checkpoint_root)
+        resume_from = resume_point(t.resume, checkpoint_root, accelerator)
         if resume_from is not None:
-            state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler, cfg)
+            state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler, cfg, verified=True)
             step, tokens_seen = state["step"], state["tokens_seen"]
             position = DataPosition.from_state(state, rank)
             tracker.record("resume", step, {"from": str(resume_from), "epoch": position.epoch, "batch": position.batch})
@@ -306,10 +354,30 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         def total_tokens() -> int:  # every rank's tokens since the start of the run (collective)
             return tokens_seen + int(accelerator.reduce(run_step.tokens.clone(), reduction="sum").item())
 
+        saved_step = step if resume_from is not None else None  # the step of the newest checkpoint this run has
+
         def checkpoint() -> None:
-            save_checkpoint(checkpoint_root, step, accelerator, objective, optimizer, scheduler,
-                            {**position.to_state(gather_object), "tokens_seen": total_tokens()},
-                            config_yaml, t.keep_checkpoints)
+            nonlocal saved_step
+            try:
+                save_checkpoint(checkpoint_root, step, accelerator, objective, optimizer, scheduler,
+                                {**position.to_state(gather_object), "tokens_seen": total_tokens()},
+                                config_yaml, t.keep_checkpoints)
+            except NonFiniteState as err:
+                raise RunStopped(f"stopped at step {step}: {err}; last good checkpoint: "
+                                 f"{latest_checkpoint(checkpoint_root) or 'none'}; try a lower optimizer.lr",
+                                 EXIT_DIVERGED) from None
+            saved_step = step
+
+        def stop_run() -> None:
+            """The stop a signal asked for: a checkpoint of this step (unless there is one), the resume line."""
+            if saved_step != step:
+                checkpoint()
+            name = signal.Signals(stop.signum).name
+            tracker.record("stopped", step, {"signal": name})
+            raise RunStopped(
+                f"{name} received: saved checkpoint {checkpoint_root / checkpoint_name(step)} at step "
+                f"{step}; resume with the same command plus hydra.run.dir={run_dir} "
+                f"(trainer.resume=auto picks it up)", 128 + stop.signum, signum=stop.signum)
 
         from accelerate.utils import gather_object
 
@@ -326,7 +394,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         window_start, window_tokens = time.perf_counter(), total_tokens()
         guard = NonFiniteGuard(t.max_nonfinite_in_row)
         objective.train()
-        with StopSignals() as stop:
+        with stop.deferred():
             while step < t.max_steps:
                 result = run_step(step)
                 if not guard.update(result.finite):
@@ -353,35 +421,35 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                     tracker.record("eval", step, run_eval())
                     window_start, window_tokens = time.perf_counter(), total_tokens()
-                saved = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-                if saved:
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
                     checkpoint()
                     window_start, window_tokens = time.perf_counter(), total_tokens()
-                if stop.requested(accelerator):
-                    if not saved:  # a signal that came during this step's regular save: that one stands
-                        checkpoint()
-                    name = signal.Signals(stop.signum).name
-                    tracker.record("stopped", step, {"signal": name})
-                    raise RunStopped(
-                        f"{name} received: saved checkpoint {checkpoint_root / checkpoint_name(step)} at step "
-                        f"{step}; resume with the same command plus hydra.run.dir={run_dir} "
-                        f"(trainer.resume=auto picks it up)", 128 + stop.signum, signum=stop.signum)
+                if stop.requested(accelerator):  # a signal during this step's regular save: that save stands
+                    stop_run()
 
-        final_eval = run_eval()
-        tracker.record("eval", step, final_eval)
-        if t.checkpoint_every and step % t.checkpoint_every:
-            checkpoint()
-        export = (export_pretrained(run_dir, accelerator, objective, tokenizer, image_processor(cfg.data))
-                  if t.export else None)
-        checksums = replica_checksums(accelerator, objective)
-        tracker.record("end", step, {"world_size": world, "param_checksums": checksums, "tokens_seen": total_tokens(),
-                                     "export": str(export) if export else None})
+            final_eval = run_eval()
+            tracker.record("eval", step, final_eval)
+            if stop.requested(accelerator):  # after the last step, before the export: resuming exports
+                stop_run()
+            if t.checkpoint_every and saved_step != step:
+                checkpoint()
+            # A signal from here on waits for the export (never left half-written) and the end of the run.
+            export = (export_pretrained(run_dir, accelerator, objective, tokenizer, image_processor(cfg.data))
+                      if t.export else None)
+            checksums = replica_checksums(accelerator, objective)
+            tracker.record("end", step, {"world_size": world, "param_checksums": checksums,
+                                         "tokens_seen": total_tokens(), "export": str(export) if export else None})
+            if stop.signum is not None:
+                tracker.message(f"{signal.Signals(stop.signum).name} received during the export: the run had "
+                                f"finished, {export or 'its records'} complete")
     except RuntimeError as err:  # under torchrun / accelerate launch: another rank died mid-collective
         if world == 1 or not peer_lost(err):
             raise
         raise peer_lost_stop(err, run_dir, run_dir / "checkpoints") from None
     finally:
         tracker.close()
+        if lock is not None:
+            lock.release()
     if len(set(checksums)) > 1:
         raise RuntimeError(f"replicas diverged: parameter checksums per rank {checksums}")
     return {"run_dir": run_dir, "step": step, "eval": final_eval, "export": export}

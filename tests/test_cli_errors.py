@@ -67,7 +67,7 @@ CASES = {
     # Paths to resume from or start from.
     "resume-path-missing": Case(["trainer.resume={tmp}/nope"], ["trainer.resume", "{tmp}/nope", "auto"]),
     "resume-path-not-a-checkpoint": Case(["trainer.resume={tmp}/notckpt", *TINY],
-                                         ["{tmp}/notckpt", "not a complete checkpoint", "model.safetensors"],
+                                         ["{tmp}/notckpt", "not a complete checkpoint", "manifest.json is missing"],
                                          files={"notckpt/readme.txt": b"not a checkpoint"}),
     "pretrained-missing": Case(["model.pretrained={tmp}/nomodel"], ["model.pretrained", "{tmp}/nomodel"]),
     # No GPU visible (forced, so the case holds on GPU machines too).
