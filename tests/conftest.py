@@ -84,3 +84,24 @@ def config_error(compose, overrides: list[str]) -> str:
     message = str(info.value)
     assert "\n" not in message, message
     return message
+
+
+def kill_9_after_train_records(args: list[str], run_dir: Path, records: int, *, cwd: Path, cache_dir: Path,
+                               timeout: int = 300) -> None:
+    """Run `python -m ssltrain *args hydra.run.dir=run_dir` and SIGKILL it once metrics.jsonl holds `records`
+    train records (fails if the run ends first): a crash at a chosen point, with no chance to save."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ssltrain", *args, f"hydra.run.dir={run_dir}"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "SSLTRAIN_CACHE": str(cache_dir)})
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = Path(run_dir) / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text().count('"kind": "train"') >= records:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY, read_metrics
+from conftest import TINY, kill_9_after_train_records, read_metrics
 
 from ssltrain.checkpoint import latest_checkpoint
 from ssltrain.errors import UserError
@@ -189,7 +189,6 @@ def test_kill_9_at_a_random_step_then_resume_reproduces_the_uninterrupted_run(ru
                                                                                kill_seed):
     """SIGKILL gives no chance to save: the run resumes from its last periodic checkpoint (any
     half-written one is ignored), and every later loss and the final weights are unchanged."""
-    import os
     import random
 
     from ssltrain.checkpoint import load_weights
@@ -200,18 +199,7 @@ def test_kill_9_at_a_random_step_then_resume_reproduces_the_uninterrupted_run(ru
 
     kill_after = random.Random(kill_seed).randint(4, 14)  # train records seen before the kill
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "SSLTRAIN_CACHE": str(cache_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "ssltrain", *run, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and metrics.read_text().count('"kind": "train"') >= kill_after:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_9_after_train_records(run, run_dir, kill_after, cwd=tmp_path, cache_dir=cache_dir)
     assert not (run_dir / "final").exists()
 
     resumed = run_cli(*run, f"hydra.run.dir={run_dir}")

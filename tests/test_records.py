@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import TINY, read_metrics
+from conftest import TINY, kill_9_after_train_records, read_metrics
 
 pytestmark = pytest.mark.slow
 # Evaluations at 0, 4, 8, 12, 16 and checkpoints at 6, 12, 16: a kill after train step 9 leaves
@@ -87,18 +86,7 @@ def killed(tmp_path_factory, cache_dir) -> dict:
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     run_dir = root / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ssltrain", *RUN, f"hydra.run.dir={run_dir}"], cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "SSLTRAIN_CACHE": str(cache_dir)})
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and metrics.read_text().count('"kind": "train"') >= KILL_AFTER:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_9_after_train_records(RUN, run_dir, KILL_AFTER, cwd=root, cache_dir=cache_dir)
     interrupted = (run_dir / "metrics.jsonl").read_text()
 
     resumed = ssltrain(cache_dir, *RUN, f"hydra.run.dir={run_dir}", cwd=root)
