@@ -252,6 +252,7 @@ class TrainStep:
                 optimizer.step()
         if finite:
             tr.scheduler.step()
+            self.hooks.after_step(step, self.max_steps)
         optimizer.zero_grad(set_to_none=True)
         return StepResult(finite, grad_norm, lr)
 

@@ -18,7 +18,8 @@ from test_images import IMAGE_TINY, one_thread
 
 from ssltrain.config import validate_config
 from ssltrain.objectives import build_objective
-from ssltrain.objectives.simclr import TwoViewCollator, nt_xent_loss
+from ssltrain.objectives.image import TwoViewCollator
+from ssltrain.objectives.simclr import nt_xent_loss
 
 
 def naive_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> tuple[float, int, int]:

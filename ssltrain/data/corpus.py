@@ -23,11 +23,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ssltrain.config import select
 from ssltrain.data.cache import cached_dir, fingerprint
 from ssltrain.data.images import IMAGE_SOURCES
 from ssltrain.data.labelled import LABELLED_SOURCES
 from ssltrain.errors import ConfigError, DataError
+from ssltrain.spec import select
 
 DOCS_CORPUS_VERSION = 1  # bump when the extraction below changes, to invalidate caches
 _SKIP_STDLIB_PARTS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

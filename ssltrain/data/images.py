@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from ssltrain.config import Spec, select
 from ssltrain.data.cache import cached_dir, fingerprint
 from ssltrain.errors import ConfigError, DataError
+from ssltrain.spec import Spec, select
 
 IMAGES_VERSION = 1  # bump when the conversion below changes, to invalidate caches
 UNLABELLED = -1

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from ssltrain.config import Spec, select
 from ssltrain.data.cache import cached_dir, fingerprint
 from ssltrain.errors import DataError
+from ssltrain.spec import Spec, select
 
 TOPIC_PACKAGES = ("asyncio", "email", "idlelib", "importlib", "logging", "tkinter", "unittest", "xml")
 LABELLED_VERSION = 1

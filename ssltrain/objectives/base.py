@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import ModelOutput
 
-from ssltrain.config import Spec
 from ssltrain.errors import ConfigError
+from ssltrain.spec import Spec
 
 Metric = tuple[torch.Tensor, torch.Tensor]  # (sum, count): means combine exactly over batches and ranks
 
@@ -120,6 +120,13 @@ class Objective(torch.nn.Module):
         """Called by the loop before the forward passes of optimizer step `step` (0-based, also after a
         resume), e.g. to unfreeze layers on a schedule. Must depend on (step, max_steps) only, so a
         resumed run is in the same state. Default: nothing."""
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        """Called by the loop once after each applied optimizer step `step` (0-based: the step that just
+        updated the weights), never for a step skipped as non-finite, e.g. to move a momentum target
+        network towards the online one (BYOL). State it changes must live in registered parameters or
+        buffers, so that checkpoints hold it and a resumed run continues from the same state. Default:
+        nothing."""
 
     def derived_metrics(self, values: dict[str, float]) -> dict[str, float]:
         """Metrics computed from the reduced means (train windows and evaluations) that are not

@@ -46,10 +46,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ssltrain.config import Spec, world_size_from_env
+from ssltrain.config import world_size_from_env
 from ssltrain.errors import ConfigError, DataError
 from ssltrain.models import build_backbone, model_modality
 from ssltrain.objectives.base import Objective, ObjectiveOutput, _a, shipped_options
+from ssltrain.spec import Spec
 
 IGNORE_LABEL = -100  # rows that pad the held-out split to whole batches; never counted
 FREEZE_MODES = ("none", "backbone", "gradual")

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ssltrain.config import Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import masked_lm_head
 from ssltrain.objectives.base import Objective, ObjectiveOutput, shipped_options
 from ssltrain.objectives.functional import IGNORE_INDEX, token_cross_entropy
 from ssltrain.objectives.mlm import MASKING_PARAMS, MLMCollator, check_replacement_shares
+from ssltrain.spec import Spec
 
 # ---------------------------------------------------------------- pure functions
 

@@ -6,17 +6,18 @@ and its pooled representation, and the `augment:` block.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ssltrain.config import Spec
 from ssltrain.data.augment import ImageAugment
 from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective
+from ssltrain.spec import Spec
 
 AUGMENT_SPEC = Spec(dict)  # the augment: block; its keys are checked by ImageAugment.from_config
 
@@ -30,6 +31,18 @@ def representation_width(config) -> int:
     """Width of the pooled representation: the last stage of CNNs (hidden_sizes), else hidden_size."""
     sizes = getattr(config, "hidden_sizes", None)
     return int(sizes[-1]) if sizes else int(config.hidden_size)
+
+
+@dataclass
+class TwoViewCollator:
+    """Images -> {"views": (2B, C, H, W)}: B first views then B second views of the same images,
+    each drawn independently from the batch's generator. Picklable for DataLoader workers."""
+
+    augment: ImageAugment
+
+    def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        images = pixels_of(columns)  # (B, C, H, W)
+        return {"views": torch.cat([self.augment(images, generator), self.augment(images, generator)])}
 
 
 class ImageObjective(Objective):

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ssltrain.config import PROBABILITY, Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone, masked_lm_head
 from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.functional import gather_positions, mask_tokens, masked_positions, token_cross_entropy
+from ssltrain.spec import PROBABILITY, Spec
 
 
 @dataclass

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ssltrain.config import Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import ObjectiveOutput
@@ -30,6 +29,7 @@ from ssltrain.objectives.nsp import (
     pair_metrics,
 )
 from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
+from ssltrain.spec import Spec
 
 # *ForPreTraining classes with an MLM head and a binary sentence-pair head: model type ->
 # (MLM head module, pair head module) by attribute path, for the sparse MLM head.

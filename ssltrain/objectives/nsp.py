@@ -19,12 +19,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ssltrain.config import POSITIVE, PROBABILITY, Spec
 from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput, compatible_models
 from ssltrain.objectives.functional import token_cross_entropy
 from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
+from ssltrain.spec import POSITIVE, PROBABILITY, Spec
 
 PAIR_PARAMS = {
     "pair_task": Spec(choices=("nsp", "sop")),

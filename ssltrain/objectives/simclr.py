@@ -12,16 +12,14 @@ head is dropped, as in the paper, whose linear evaluation uses h.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from ssltrain.config import Spec
 from ssltrain.data.augment import ImageAugment
 from ssltrain.objectives.base import ObjectiveOutput
 from ssltrain.objectives.contrastive import gather_with_grad
-from ssltrain.objectives.image import AUGMENT_SPEC, ImageObjective, pixels_of
+from ssltrain.objectives.image import AUGMENT_SPEC, ImageObjective, TwoViewCollator
+from ssltrain.spec import Spec
 
 
 def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, rows: torch.Tensor | None = None):
@@ -48,18 +46,6 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, rows:
     loss_sum = F.cross_entropy(logits, positives, reduction="sum")
     n_correct = (logits.argmax(dim=1) == positives).sum()
     return loss_sum, torch.tensor(anchors.numel(), device=z.device), n_correct
-
-
-@dataclass
-class TwoViewCollator:
-    """Images -> {"views": (2B, C, H, W)}: B first views then B second views of the same images,
-    each drawn independently from the batch's generator. Picklable for DataLoader workers."""
-
-    augment: ImageAugment
-
-    def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        images = pixels_of(columns)  # (B, C, H, W)
-        return {"views": torch.cat([self.augment(images, generator), self.augment(images, generator)])}
 
 
 class SimCLR(ImageObjective):

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ssltrain.config import POSITIVE, Spec
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.contrastive import alignment_uniformity, gather_with_grad, info_nce
 from ssltrain.objectives.nsp import check_trained_tokenizer_has_cls_sep
 from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
+from ssltrain.spec import POSITIVE, Spec
 
 POOLERS = ("cls_mlp", "cls", "mean")
 

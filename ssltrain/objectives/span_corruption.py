@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ssltrain.config import Spec
 from ssltrain.errors import ConfigError
 from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.functional import token_cross_entropy
+from ssltrain.spec import Spec
 
 # ---------------------------------------------------------------- pure functions
 
