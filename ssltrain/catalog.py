@@ -4,16 +4,12 @@ groups fit it, read from conf/ and the objective classes themselves (nothing har
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from ssltrain.errors import ConfigError, UserError
-from ssltrain.paths import config_dir
-
-
-def _options(group: str) -> dict[str, dict]:
-    return {p.stem: OmegaConf.load(p) for p in sorted((config_dir() / group).glob("*.yaml"))}
+from ssltrain.objectives import objective_class
+from ssltrain.paths import shipped_options
 
 
 def _fits(cls, model_cfg, data_cfg) -> bool:
@@ -28,11 +24,9 @@ def _fits(cls, model_cfg, data_cfg) -> bool:
 
 def catalog() -> list[dict]:
     """[{name, target, summary, modality, models, data}] for every conf/objective/*.yaml."""
-    from ssltrain.objectives import objective_class
-
-    models, data = _options("model"), _options("data")
+    models, data = shipped_options("model"), shipped_options("data")
     rows = []
-    for name, cfg in _options("objective").items():
+    for name, cfg in shipped_options("objective").items():
         try:
             cls = objective_class(cfg)
         except UserError as err:
@@ -58,7 +52,7 @@ def main() -> None:
     for row in catalog():
         table.add_row(row["name"], row["summary"], ", ".join(row["models"]), ", ".join(row["data"]))
     Console(width=max(120, Console().width)).print(table)
-    hardware = ", ".join(p.stem for p in sorted(Path(config_dir(), "hardware").glob("*.yaml")))
+    hardware = ", ".join(shipped_options("hardware"))
     print(f"hardware groups: {hardware}", file=sys.stdout)
 
 

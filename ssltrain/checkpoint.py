@@ -41,7 +41,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ssltrain.data.tokenizer import save_tokenizer
 from ssltrain.errors import UserError
+from ssltrain.faults import RunStopped, peer_lost
 
 PREFIX = "step-"
 EXIT_CHECKPOINT_WRITE = 4  # exit code when a checkpoint cannot be written (disk full, ...)
@@ -272,8 +274,6 @@ def save_checkpoint(root: Path, step: int, accelerator, objective, optimizer, sc
         accelerator.wait_for_everyone()  # no rank may fail between here and the rename
     except CheckpointWriteError as err:  # disk full, quota, permissions, a file size limit: say so, keep the rest
         shutil.rmtree(tmp, ignore_errors=True)
-        from ssltrain.faults import RunStopped
-
         previous = latest_checkpoint(root)
         raise RunStopped(f"could not write checkpoint {final}: {err}; nothing partial was left and the last "
                          f"complete checkpoint is {previous or 'none'}", EXIT_CHECKPOINT_WRITE) from None
@@ -325,8 +325,6 @@ def _writing(path: Path):
     SafetensorError), so what fails inside a write is taken as the write failing, except a peer process gone
     (a collective inside a sharded save) and an object that cannot be serialised (a bug, not the disk)."""
     import pickle
-
-    from ssltrain.faults import peer_lost
 
     try:
         yield
@@ -620,8 +618,6 @@ def export_pretrained(run_dir: Path, accelerator, objective, tokenizer, processo
     """<run>/final: the objective's HF model (safetensors) + tokenizer (text) or image processor
     (images), loadable with AutoModel*.from_pretrained and pipeline(). Written to a temp folder,
     then renamed."""
-    from ssltrain.data.tokenizer import save_tokenizer
-
     final = Path(run_dir) / "final"
     tmp = Path(run_dir) / ".final-tmp"
     accelerator.wait_for_everyone()

@@ -14,11 +14,12 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from ssltrain import launch
-from ssltrain.errors import UserError
-from ssltrain.faults import StopNow, StopSignals
+from ssltrain.errors import UserError, debugging
+from ssltrain.faults import RunStopped, StopNow, StopSignals
 from ssltrain.paths import config_dir
 from ssltrain.runlock import RunDirBusy, check_free
 
@@ -63,11 +64,14 @@ def one_line(message: str) -> str:
     return re.sub(r"\s+", " ", text).strip(" ,")
 
 
-def fail(message: str, every_rank: bool = True) -> None:
-    """Print the one-line error and exit 2. every_rank=False: an error that the processes of a launch find
-    alike (the command line) is printed by the first process of each machine only (once on one machine;
-    a check of the local filesystem may fail on one machine and not on another)."""
+def fail(message: str, every_rank: bool = True, error: BaseException | None = None) -> None:
+    """Print the one-line error and exit 2 (with SSLTRAIN_DEBUG=1: error's traceback first). every_rank=False:
+    an error that the processes of a launch find alike (the command line) is printed by the first process of
+    each machine only (once on one machine; a check of the local filesystem may fail on one machine and not
+    on another)."""
     if every_rank or launch.local_rank() == 0:
+        if error is not None and debugging():
+            traceback.print_exception(error)
         print(f"ssltrain: error: {one_line(message)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 
@@ -103,7 +107,7 @@ def preflight(argv: list[str]) -> None:
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ssltrain.config import validate_config
+    from ssltrain.config import validate_config  # local: keeps `ssltrain --help` fast (torch, transformers)
 
     try:
         args = get_args_parser().parse_args(argv)
@@ -140,7 +144,7 @@ def preflight(argv: list[str]) -> None:
                     validate_config(cfg, world_size)
                 except UserError as err:
                     where = f" (in job {' '.join(job)})" if args.multirun and job else ""
-                    raise UserError(f"{err}{where}") from None
+                    raise UserError(f"{err}{where}") from err
     except OverrideParseException as err:
         raise UserError(f"{err}{PARSE_HINT}") from None
     except (HydraException, OmegaConfBaseException) as err:
@@ -218,8 +222,7 @@ def _hydra_app():
 
     @hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")
     def app(cfg) -> None:
-        from ssltrain.faults import RunStopped
-        from ssltrain.train import train
+        from ssltrain.train import train  # local: keeps `ssltrain --help` fast (torch, transformers)
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
@@ -228,7 +231,7 @@ def _hydra_app():
         except UserError as err:
             if launch.rank() == 0 and not isinstance(err, RunDirBusy):  # a busy directory is another run's
                 _remove_unfinished_run(run_dir, f"{HydraConfig.get().job.name}.log")
-            fail(str(err))
+            fail(str(err), error=err)
         except RunStopped as stopped:
             print(f"ssltrain: {stopped}", file=sys.stderr)
             launch.pass_on_preemption(stopped.signum)
@@ -252,7 +255,7 @@ def main() -> None:
             launch.check_not_alone()
             preflight(argv)
         except UserError as err:
-            fail(str(err), every_rank=False)
+            fail(str(err), every_rank=False, error=err)
         except StopNow as now:
             _stopped_at_start(now.signum)
         scratch = _isolate_non_main_rank(sys.argv)

@@ -10,8 +10,14 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
+from ssltrain.data.corpus import CORPUS_SOURCES
+from ssltrain.data.streaming import check_streaming_source
 from ssltrain.errors import ConfigError
 from ssltrain.launch import world_size as launched_world_size
+from ssltrain.models import build_model_config, max_positions
+from ssltrain.objectives import objective_class
+from ssltrain.paths import shipped_options
+from ssltrain.sharding import check_scale_out, engine
 from ssltrain.spec import NON_NEGATIVE, POSITIVE, Spec, select
 
 TOP_LEVEL_SPECS: dict[str, Spec] = {
@@ -120,8 +126,6 @@ def auto_micro_batch_size(batch_size: int, world_size: int, cap: int, accumulate
 def resolve_micro_batch_size(cfg: DictConfig, world_size: int) -> int:
     """Replace trainer.micro_batch_size=auto by its value for world_size processes, in place, and check
     that the micro-batch x processes divides trainer.batch_size. Returns the micro-batch."""
-    from ssltrain.sharding import engine
-
     t = cfg.trainer
     micro = select(cfg, "trainer.micro_batch_size")
     if micro == AUTO:
@@ -144,11 +148,6 @@ def resolve_micro_batch_size(cfg: DictConfig, world_size: int) -> int:
 def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
     """Fail fast on every mistake that can be seen without reading data. Writes nothing to disk;
     resolves trainer.micro_batch_size=auto in cfg for world_size processes (default: the launcher's)."""
-    # Imports kept local: the CLI's --help path should not pay for torch/transformers.
-    from ssltrain.data.corpus import CORPUS_SOURCES
-    from ssltrain.models import build_model_config, max_positions
-    from ssltrain.objectives import objective_class
-
     check_specs(cfg, TOP_LEVEL_SPECS)
     world_size = world_size or world_size_from_env()
     t = cfg.trainer
@@ -163,8 +162,6 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
             f"data.source={cfg.data.source!r} is unknown; valid: {', '.join(sorted(CORPUS_SOURCES))}"
         )
     CORPUS_SOURCES[cfg.data.source].check_config(cfg.data)
-    from ssltrain.sharding import check_scale_out
-
     check_scale_out(cfg, world_size)  # before the device check: a missing engine is named before a missing GPU
     _check_hardware(cfg.hardware)
     _check_paths(cfg)
@@ -172,12 +169,11 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
     cls = objective_class(cfg.objective)
     cls.check_compatible(cfg)
     if OmegaConf.select(cfg, "data.streaming", default=False):
-        from ssltrain.data.streaming import check_streaming
-
-        check_streaming(cfg, cls)
+        _check_streaming(cfg, cls)
     if cfg.data.modality == "text" and cfg.tokenizer.type is None and not cfg.tokenizer.path:  # null: image models only
         raise ConfigError("tokenizer.type is null; expected wordpiece or bpe (or a tokenizer.path)")
     cls.check_params(cfg.objective)
+    cls.check_launch(cfg, world_size)
     # The model config is cheap to build and catches unknown model types and bad shapes.
     model_config = build_model_config(cfg.model, vocab_size=cfg.tokenizer.vocab_size)
     positions = max_positions(model_config)
@@ -202,6 +198,15 @@ def _check_float32(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is below float32's smallest normal number ({FLOAT32_TINY:.3g}), the "
                               f"dtype the optimizer computes in, where it is 0 or loses precision; use a value >= "
                               f"{FLOAT32_TINY:.3g} (AdamW's usual eps: 1e-8 to 1e-6)")
+
+
+def _check_streaming(cfg: DictConfig, cls) -> None:
+    check_streaming_source(cfg.data)
+    if not cls.streams:
+        streamable = [name for name, option in shipped_options("objective").items()
+                      if objective_class(option).streams]
+        raise ConfigError(f"objective {cls.__name__} builds whole examples from random access to documents and "
+                          f"cannot stream; data.streaming=true works with objective={', '.join(streamable)}")
 
 
 def _check_scheduler(name: str) -> None:

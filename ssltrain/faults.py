@@ -127,6 +127,12 @@ class NonFiniteGuard:
     def too_many(self) -> bool:
         return self.in_row >= self.limit
 
+    def stopped(self, step: int, last_checkpoint, exit_code: int) -> RunStopped:
+        """The RunStopped for too many non-finite steps in a row, naming the checkpoint to go back to."""
+        return RunStopped(f"stopped after step {step}: {self.in_row} steps in a row had a non-finite loss or "
+                          f"gradient (trainer.max_nonfinite_in_row={self.limit}); last good checkpoint: "
+                          f"{last_checkpoint or 'none'}; try a lower optimizer.lr", exit_code)
+
 
 def peer_lost(err: BaseException) -> bool:
     """Whether err is a collective or rendezvous failure: in a multi-process run, a process gone."""
@@ -135,12 +141,11 @@ def peer_lost(err: BaseException) -> bool:
     return isinstance(err, DistError) or (isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_GONE))
 
 
-def peer_lost_stop(err: BaseException, run_dir, checkpoint_root) -> RunStopped:
-    """The RunStopped a surviving process ends with: what failed, and how to resume."""
-    from ssltrain.checkpoint import latest_checkpoint
-
+def peer_lost_stop(err: BaseException, run_dir, last_checkpoint) -> RunStopped:
+    """The RunStopped a surviving process ends with: what failed, the newest complete checkpoint
+    (None: there is none), and how to resume."""
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())  # gloo's "[.../pair.cc:537] " source prefix
     first = text.splitlines()[0].split(". ")[0][:300] if text else type(err).__name__
     return RunStopped(f"another process of this run is gone or not responding ({first}); newest complete checkpoint: "
-                      f"{latest_checkpoint(checkpoint_root) or 'none'}; resume with the same launch command plus "
+                      f"{last_checkpoint or 'none'}; resume with the same launch command plus "
                       f"hydra.run.dir={run_dir}", EXIT_PEER_LOST)

@@ -131,21 +131,24 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-# Modules that map encoder hidden states to vocabulary logits, in order, per model type. With
-# them an MLM head can run on the masked positions only (~15% of tokens); other types run dense.
-MASKED_LM_HEADS = {
-    "bert": ("cls",),
-    "roberta": ("lm_head",),
-    "xlm-roberta": ("lm_head",),
-    "albert": ("predictions",),
-    "deberta-v2": ("cls",),
-    "electra": ("generator_predictions", "generator_lm_head"),
+# transformers' Auto-class tables (model type -> class name) of the heads ssltrain's objectives use.
+AUTO_TABLES = {
+    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "next-sentence-prediction": "MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES",
 }
 
 
-def masked_lm_head(model) -> list | None:
-    """The head modules of a *ForMaskedLM model (hidden (N, H) -> logits (N, V)), or None if unknown."""
-    names = MASKED_LM_HEADS.get(getattr(model.config, "model_type", None))
-    if names is None or not all(hasattr(model, n) for n in names):
-        return None
-    return [getattr(model, n) for n in names]
+def auto_model_types(task: str) -> frozenset[str]:
+    """The transformers model types with an Auto class for `task` (a key of AUTO_TABLES). Private:
+    transformers.models.auto.modeling_auto.*_MAPPING_NAMES, the tables the Auto classes are built from."""
+    from transformers.models.auto import modeling_auto
+
+    return frozenset(getattr(modeling_auto, AUTO_TABLES[task]))
+
+
+def attn_implementation(config) -> str:
+    """The attention kernel a loaded model runs ("eager", "sdpa", "flash_attention_2", ...). Private:
+    PretrainedConfig._attn_implementation, which from_config / from_pretrained resolve and set."""
+    return config._attn_implementation
+

@@ -6,13 +6,17 @@
   package, so an edited YAML file takes effect without reinstalling.
 
 The packaged copy is looked for first: an installed ssltrain never reads a conf/ that another
-distribution put at the top of site-packages. Code reads the configs through config_dir(), not
-`import ssltrain.conf` (an editable install does not make that importable).
+distribution put at the top of site-packages. Code reads the configs through config_dir() and shipped_options(),
+not `import ssltrain.conf` (an editable install does not make that importable); nothing else
+globs conf/.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 
 def config_dir() -> Path:
@@ -21,3 +25,10 @@ def config_dir() -> Path:
         if (candidate / "train.yaml").is_file():
             return candidate
     raise FileNotFoundError(f"ssltrain's conf/ directory is missing next to {here}")
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_options(group: str) -> dict[str, DictConfig]:
+    """{option name: its YAML} of a shipped config group (conf/<group>/*.yaml), read once per process:
+    the fit checks name what fits in every message, and ssltrain-list runs them for every pair."""
+    return {p.stem: OmegaConf.load(p) for p in sorted((config_dir() / group).glob("*.yaml"))}

@@ -171,21 +171,3 @@ def plugin_kwargs(hw: DictConfig, micro_batch_size: int = 1, grad_clip: float = 
         _check_deepspeed(hw)
         return {"deepspeed_plugin": deepspeed_plugin(hw, micro_batch_size, grad_clip)}
     return {}
-
-
-def attach_fsdp_on_cpu(accelerator, plugin) -> None:
-    """Accelerate 1.15 applies the FSDP plugin only to accelerator-device process groups
-    (AcceleratorState keeps MULTI_CPU and drops the plugin when cpu=True), but torch's FSDP1 and
-    FSDP2 both run on CPU over gloo. Mark the state as FSDP the way AcceleratorState does on a GPU,
-    so prepare() shards, and multi-process FSDP can be tested on CPU. One process: nothing to shard."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    state = accelerator.state
-    if state.distributed_type == DistributedType.MULTI_CPU:
-        state.fsdp_plugin = plugin
-        # AcceleratorState copies PartialState's settings whenever it is constructed again: set both.
-        # FSDP1 checks its device_id against torch.cpu.current_device(), "cpu" (MULTI_CPU gives "cpu:0").
-        for shared in (state.__dict__, PartialState._shared_state):
-            shared["distributed_type"] = DistributedType.FSDP
-            shared["device"] = torch.device("cpu")

@@ -8,13 +8,13 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ssltrain import engine
 from ssltrain.checkpoint import (
     NonFiniteState,
     checkpoint_name,
@@ -46,46 +46,6 @@ from ssltrain.tracking import RunTracker
 EXIT_DIVERGED = 3  # exit code when too many non-finite steps stop a run
 
 
-def build_accelerator(hw: DictConfig, micro_batch_size: int = 1, grad_clip: float = 0.0):
-    """An Accelerator for the hardware group. On CPU, cpu=True is what makes launcher-started
-    processes join one gloo group instead of each believing it is alone. hardware=fsdp / deepspeed
-    add Accelerate's plugin (ssltrain/sharding.py); DeepSpeed takes the micro-batch and clipping."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import InitProcessGroupKwargs
-
-    from ssltrain.sharding import attach_fsdp_on_cpu, plugin_kwargs
-
-    with contextlib.suppress(AttributeError):  # fresh precision settings when called twice in one process
-        AcceleratorState._reset_state()
-    if hw.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    launched = world_size_from_env()
-    plugins = plugin_kwargs(hw, micro_batch_size, grad_clip)
-    # How long a collective waits for the other processes before it fails: a process that hangs
-    # (rather than dies) stops the run after this long, with the checkpoint to resume from.
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=hw.get("collective_timeout_s", 1800)))
-    try:
-        accelerator = Accelerator(cpu=hw.device == "cpu", mixed_precision=hw.mixed_precision,
-                                  step_scheduler_with_optimizer=False, kwargs_handlers=[timeout], **plugins)
-    except (ValueError, torch.distributed.DistError) as err:
-        # e.g. WORLD_SIZE set by hand without MASTER_ADDR, or the rendezvous timing out with no peer.
-        raise UserError(
-            f"could not join a process group of {launched} processes (WORLD_SIZE={launched}): {err}; "
-            f"start every rank with torchrun or `accelerate launch`, or unset WORLD_SIZE for one process"
-        ) from None
-    if accelerator.num_processes != launched:
-        raise UserError(
-            f"the launcher started {launched} processes (WORLD_SIZE) but this one joined a group of "
-            f"{accelerator.num_processes}: each rank would train alone; launch with torchrun or "
-            f"`accelerate launch --multi_gpu` and hardware.device matching the machine"
-        )
-    if "fsdp_plugin" in plugins and hw.device == "cpu":
-        attach_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
-    return accelerator
-
-
 def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
     """The checkpoint trainer.resume names, verified against its manifest (None: start fresh)."""
     if resume is None:
@@ -109,10 +69,7 @@ def resume_point(resume: str | None, checkpoint_root: Path, accelerator) -> Path
             answer = [None if found is None else str(found), None]
         except UserError as err:
             answer = [None, str(err)]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        answer = broadcast_object_list(answer, from_process=0)
+    answer = engine.broadcast(answer, accelerator)
     if answer[1] is not None:
         raise UserError(answer[1])
     return None if answer[0] is None else Path(answer[0])
@@ -129,7 +86,8 @@ def prepare_data(cfg: DictConfig, accelerator, objective_cls):
         if cfg.data.modality == "text":  # the objective's check_compatible has accepted this modality
             tokenizer = build_tokenizer(cfg, corpus, corpus_key)
             tokenizer.model_max_length = cfg.trainer.seq_len
-        examples = objective_cls.build_examples(corpus, tokenizer, cfg, corpus_key)
+        examples = objective_cls.build_examples(corpus, tokenizer, cfg, corpus_key,
+                                                world_size=accelerator.num_processes)
     # A split smaller than one global micro-batch (2% of a small task's labels) is repeated to fill
     # one (ssltrain/data/loader.py); only an empty one cannot train.
     if not len(examples["train"]):
@@ -154,14 +112,12 @@ def parameter_checksum(module: torch.nn.Module, state_dict: dict | None = None) 
 def replica_checksums(accelerator, objective) -> list[float]:
     """parameter_checksum of every rank's replica (collective). Under FSDP the ranks hold shards of
     one model, not replicas: one checksum of the gathered weights, computed on rank 0."""
-    from accelerate.utils import broadcast_object_list, gather_object
-
     module = accelerator.unwrap_model(objective)
     if not state_format(accelerator).startswith("fsdp"):
-        return gather_object([parameter_checksum(module)])
+        return engine.gather(parameter_checksum(module), accelerator)
     gathered = full_state_dict(accelerator, objective)
-    value = parameter_checksum(module, gathered) if accelerator.is_main_process else None
-    return broadcast_object_list([value], from_process=0)
+    return [engine.broadcast(parameter_checksum(module, gathered) if accelerator.is_main_process else None,
+                             accelerator)]
 
 
 @dataclass
@@ -182,7 +138,7 @@ def build_training(cfg: DictConfig) -> Training:
     """Accelerator, data, objective (compiled per hardware.compile), optimizer and scheduler for cfg.
     Initial weights are the same on every rank; afterwards each rank has its own dropout stream."""
     resolve_micro_batch_size(cfg, world_size_from_env())  # trainer.micro_batch_size=auto -> a number
-    accelerator = build_accelerator(cfg.hardware, cfg.trainer.micro_batch_size, cfg.optimizer.grad_clip)
+    accelerator = engine.build_accelerator(cfg.hardware, cfg.trainer.micro_batch_size, cfg.optimizer.grad_clip)
     t = cfg.trainer
     accum = t.batch_size // (t.micro_batch_size * accelerator.num_processes)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -204,32 +160,68 @@ class StepResult:
     lr: float  # the learning rate the step used
 
 
+class MetricsWindow:
+    """The train records' cadence (trainer.log_every, and the last step) and what they report: the
+    objective's metrics since the last record, accumulated as device tensors ({name: [sum, count]})
+    with the input tokens, so that a step syncs with the device only once (engine.OptimizerStep);
+    tokens/s over the window's wall time, which excludes evaluations and checkpoints (restart)."""
+
+    def __init__(self, accelerator, log_every: int, max_steps: int, tokens_before: int = 0, hooks=None):
+        self.accelerator, self.log_every, self.max_steps = accelerator, log_every, max_steps
+        self.tokens_before = tokens_before  # every rank's tokens before this run (a resume's)
+        self.hooks = hooks  # the Objective: derived_metrics, reports_perplexity
+        self.sums: dict[str, list[torch.Tensor]] = {}
+        self.tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        self.started, self.tokens_at_start = time.perf_counter(), tokens_before
+
+    def add(self, metrics: dict, num_tokens: torch.Tensor) -> None:
+        accumulate(self.sums, metrics)
+        self.tokens += num_tokens.detach()
+
+    def discard(self) -> None:
+        """Forget the metrics of a skipped (non-finite) step."""
+        self.sums = {}
+
+    def total_tokens(self) -> int:
+        """Every rank's tokens since the start of the run (collective)."""
+        return self.tokens_before + int(self.accelerator.reduce(self.tokens.clone(), reduction="sum").item())
+
+    def restart(self) -> None:
+        self.started, self.tokens_at_start = time.perf_counter(), self.total_tokens()
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.max_steps
+
+    def values(self, result: StepResult, nonfinite_skipped: int) -> dict:
+        """The train record's values (collective); starts the next window."""
+        values = reduce_metrics(self.sums, self.accelerator, type(self.hooks).reports_perplexity)
+        values = self.hooks.derived_metrics(values)
+        seen = self.total_tokens()
+        elapsed = time.perf_counter() - self.started
+        values.update(lr=result.lr, tokens_per_s=(seen - self.tokens_at_start) / max(elapsed, 1e-9),
+                      tokens_seen=seen, grad_norm=float(result.grad_norm), nonfinite_skipped=nonfinite_skipped)
+        self.sums = {}
+        self.started, self.tokens_at_start = time.perf_counter(), seen
+        return values
+
+
 class TrainStep:
     """One optimizer step of the loop: `accum` micro-batches forward and backward (gradients
-    synchronised on the last), clipping, and the optimizer and scheduler steps, skipped when the
-    gradient norm is not finite. scripts/bench.py times this same object.
-
-    Metrics accumulate as device tensors in `window` ({name: [sum, count]}, emptied by the caller)
-    and input tokens in `tokens` (a device scalar), so that a step syncs with the device only once:
-    on the finiteness of the gradient norm."""
+    synchronised on the last), clipping, the optimizer step (skipped when the gradient norm is not
+    finite: engine.OptimizerStep), the scheduler step and the objective's after_step hook.
+    Metrics and tokens go to `window`. scripts/bench.py times this same object."""
 
     def __init__(self, training: Training, batches: Iterator[dict[str, torch.Tensor]], *, max_steps: int,
-                 grad_clip: float):
+                 grad_clip: float, window: MetricsWindow | None = None):
         self.training, self.batches, self.max_steps = training, batches, max_steps
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
-        self.hooks = training.accelerator.unwrap_model(training.objective)  # on_step: the Objective's own
-        self.window: dict[str, list[torch.Tensor]] = {}
-        device = training.accelerator.device
-        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
-        self.skipping_optimizer = optimizer_skipping_on_device(training.accelerator, training.optimizer)
-        self.flag_copied = None  # on CUDA: recorded after the non-finite flag's copy to nonfinite_host
-        if self.skipping_optimizer is not None and device.type == "cuda":
-            self.nonfinite_host = torch.zeros((), pin_memory=True)
-            self.flag_copied = torch.cuda.Event()
+        self.hooks = training.accelerator.unwrap_model(training.objective)  # on_step / after_step: the Objective's
+        self.window = window or MetricsWindow(training.accelerator, 1, max_steps, hooks=self.hooks)
+        self.optimizer_step = engine.OptimizerStep(training.accelerator, training.optimizer)
 
     def __call__(self, step: int) -> StepResult:
         tr = self.training
-        accelerator, objective, optimizer = tr.accelerator, tr.objective, tr.optimizer
+        accelerator, objective = tr.accelerator, tr.objective
         self.hooks.on_step(step, self.max_steps)
         for micro in range(tr.accum):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(self.batches).items()}
@@ -237,54 +229,75 @@ class TrainStep:
             with sync:
                 out = objective(batch)
                 accelerator.backward(out.loss / tr.accum)
-            accumulate(self.window, out.metrics)
-            self.tokens += out.num_tokens.detach()
+            self.window.add(out.metrics, out.num_tokens)
         grad_norm = accelerator.clip_grad_norm_(objective.parameters(), self.max_norm)
         lr = tr.scheduler.get_last_lr()[0]
-        if accelerator.scaler is not None:
-            optimizer.step()  # the fp16 scaler skips overflowing steps and lowers its scale itself
-            finite = not optimizer.step_was_skipped
-        elif self.skipping_optimizer is not None:
-            finite = self._step_skipping_on_device(grad_norm)
-        else:
-            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))  # the one sync; DeepSpeed: a float
-            if finite:
-                optimizer.step()
+        finite = self.optimizer_step(grad_norm)
         if finite:
             tr.scheduler.step()
             self.hooks.after_step(step, self.max_steps)
-        optimizer.zero_grad(set_to_none=True)
+        tr.optimizer.zero_grad(set_to_none=True)
         return StepResult(finite, grad_norm, lr)
 
-    def _step_skipping_on_device(self, grad_norm: torch.Tensor) -> bool:
-        """Queue the update before the host knows whether the norm is finite: the fused AdamW kernel
-        itself leaves weights, moments and step counts alone when found_inf is 1 (the mechanism of
-        torch's fp16 GradScaler). The host then waits only for the flag, not for the update, which
-        runs on the device while the host prepares the next step. Same results as stepping only
-        when finite."""
-        nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32)  # 0-d, on the device
-        if self.flag_copied is None:  # CPU: nothing runs ahead
-            self.skipping_optimizer.found_inf = nonfinite
-            self.training.optimizer.step()
-            return not bool(nonfinite)
-        self.nonfinite_host.copy_(nonfinite, non_blocking=True)
-        self.flag_copied.record()
-        self.skipping_optimizer.found_inf = nonfinite
-        self.training.optimizer.step()
-        self.flag_copied.synchronize()  # the one sync, ahead of the update's kernels
-        return not bool(self.nonfinite_host)
+
+class Evaluator:
+    """Held-out evaluation at step 0, every trainer.eval_every steps and after the last step."""
+
+    def __init__(self, cfg: DictConfig, training: Training, collator):
+        self.cfg, self.training, self.collator = cfg, training, collator
+        self.examples = training.examples["validation"].with_format("numpy")
+        self.hooks = training.accelerator.unwrap_model(training.objective)
+
+    def should_eval(self, step: int) -> bool:
+        every = self.cfg.trainer.eval_every
+        return bool(every) and step % every == 0 and step < self.cfg.trainer.max_steps
+
+    def __call__(self) -> dict:
+        t = self.cfg.trainer
+        values = evaluate(self.training.objective, self.examples, self.collator, micro_batch_size=t.micro_batch_size,
+                          max_batches=t.eval_batches, seed=self.cfg.seed, accelerator=self.training.accelerator)
+        return self.hooks.derived_metrics(values)
 
 
-def optimizer_skipping_on_device(accelerator, optimizer):
-    """The torch optimizer under Accelerate's wrapper when it can skip a non-finite step on the device
-    (a fused AdamW on one process or under DDP; not with fp16's gradient scaler, which sets found_inf
-    itself, nor under FSDP or DeepSpeed, which own the step), else None."""
-    from accelerate.utils import DistributedType
+class Checkpointer:
+    """Checkpoints of the run under <run>/checkpoints: the resume point, every trainer.checkpoint_every
+    steps (the newest trainer.keep_checkpoints kept), and the step a stop signal or the end lands on."""
 
-    inner = getattr(optimizer, "optimizer", optimizer)
-    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-    fused = isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused")
-    return inner if plain and fused and accelerator.scaler is None else None
+    def __init__(self, cfg: DictConfig, training: Training, run_dir: Path, config_yaml: str):
+        self.cfg, self.training, self.config_yaml = cfg, training, config_yaml
+        self.root = run_dir / "checkpoints"
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run has
+
+    def resume(self, tracker: RunTracker) -> tuple[int, int, DataPosition]:
+        """(step, tokens seen, this rank's data position) of trainer.resume's checkpoint, loaded into the
+        objective, optimizer, scheduler and RNGs; (0, 0, start) for a fresh run."""
+        tr = self.training
+        path = resume_point(self.cfg.trainer.resume, self.root, tr.accelerator)
+        if path is None:
+            return 0, 0, DataPosition()
+        state = load_checkpoint(path, tr.accelerator, tr.objective, tr.optimizer, tr.scheduler, self.cfg,
+                                verified=True)
+        position = DataPosition.from_state(state, tr.accelerator.process_index)
+        tracker.record("resume", state["step"], {"from": str(path), "epoch": position.epoch, "batch": position.batch})
+        self.saved_step = state["step"]
+        return state["step"], state["tokens_seen"], position
+
+    def should_save(self, step: int) -> bool:
+        every = self.cfg.trainer.checkpoint_every
+        return bool(every) and step % every == 0
+
+    def save(self, step: int, position: DataPosition, tokens_seen: int) -> None:
+        tr = self.training
+        try:
+            save_checkpoint(self.root, step, tr.accelerator, tr.objective, tr.optimizer, tr.scheduler,
+                            {**position.to_state(lambda values: engine.gather(values[0], tr.accelerator)),
+                             "tokens_seen": tokens_seen},
+                            self.config_yaml, self.cfg.trainer.keep_checkpoints)
+        except NonFiniteState as err:
+            raise RunStopped(f"stopped at step {step}: {err}; last good checkpoint: "
+                             f"{latest_checkpoint(self.root) or 'none'}; try a lower optimizer.lr",
+                             EXIT_DIVERGED) from None
+        self.saved_step = step
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -302,6 +315,132 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             raise _stopped_before_training(now.signum, Path(run_dir)) from None
 
 
+def _train(cfg: DictConfig, run_dir: str | Path, stop: StopSignals) -> dict:
+    t = cfg.trainer
+    training = build_training(cfg)
+    accelerator, objective, main = training.accelerator, training.objective, training.accelerator.is_main_process
+    run_dir = Path(engine.broadcast(str(Path(run_dir).resolve()), accelerator))
+    lock = RunLock(run_dir).acquire() if main else None  # a second run on this directory stops here
+    tracker = RunTracker(run_dir, t.max_steps, enabled=main)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    try:
+        checkpointer = Checkpointer(cfg, training, run_dir, config_yaml)
+        step, tokens_seen, position = checkpointer.resume(tracker)
+        hooks = accelerator.unwrap_model(objective)
+        collator = hooks.build_collator()
+        train_data = build_train_data(training.examples["train"], collator, t.micro_batch_size, seed=cfg.seed,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes)
+        window = MetricsWindow(accelerator, t.log_every, t.max_steps, tokens_seen, hooks)
+        batches = train_data.batches(position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
+        run_step = TrainStep(training, batches, max_steps=t.max_steps, grad_clip=cfg.optimizer.grad_clip, window=window)
+        evaluator = Evaluator(cfg, training, collator)
+        tracker.record("start", step, start_record(cfg, training, train_data, position, len(evaluator.examples)))
+        if step == 0:
+            tracker.record("eval", 0, evaluator())
+        guard = NonFiniteGuard(t.max_nonfinite_in_row)
+        stopping = StopAt(stop, checkpointer, tracker, run_dir, window, position)
+        objective.train()
+        with stop.deferred():
+            window.restart()
+            while step < t.max_steps:
+                result = run_step(step)
+                if not guard.update(result.finite):
+                    window.discard()
+                    tracker.record("nonfinite", step, {"in_row": guard.in_row, "total": guard.total})
+                    if guard.too_many:
+                        raise guard.stopped(step, latest_checkpoint(checkpointer.root), EXIT_DIVERGED)
+                    continue
+                step += 1
+                if window.should_log(step):
+                    tracker.record("train", step, window.values(result, guard.total))
+                if evaluator.should_eval(step):
+                    tracker.record("eval", step, evaluator())
+                    window.restart()
+                if checkpointer.should_save(step):
+                    checkpointer.save(step, position, window.total_tokens())
+                    window.restart()
+                # Several processes agree on a stop with a collective: at the logging and saving cadence only.
+                if stopping.due(step, window.should_log(step) or checkpointer.should_save(step)):
+                    stopping.stop(step)  # a signal during this step's regular save: that save stands
+            final_eval = evaluator()
+            tracker.record("eval", step, final_eval)
+            if stopping.due(step, True):  # after the last step, before the export: resuming exports
+                stopping.stop(step)
+            if t.checkpoint_every and checkpointer.saved_step != step:
+                checkpointer.save(step, position, window.total_tokens())
+            export = finish(cfg, training, run_dir, tracker, window, stop, step)
+    except RuntimeError as err:  # under torchrun / accelerate launch: another rank died mid-collective
+        if accelerator.num_processes == 1 or not peer_lost(err):
+            raise
+        raise peer_lost_stop(err, run_dir, latest_checkpoint(run_dir / "checkpoints")) from None
+    finally:
+        tracker.close()
+        if lock is not None:
+            lock.release()
+    return {"run_dir": run_dir, "step": step, "eval": final_eval, "export": export}
+
+
+def start_record(cfg: DictConfig, training: Training, train_data, position: DataPosition, n_validation: int) -> dict:
+    """The start record: the run's shape and the first examples of each rank (collective)."""
+    t, accelerator = cfg.trainer, training.accelerator
+    return {
+        "world_size": accelerator.num_processes, "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size,
+        "grad_accum": training.accum, "params": training.n_params,
+        "train_examples": train_data.num_examples, "validation_examples": n_validation,
+        "vocab": len(training.tokenizer) if training.tokenizer is not None else None,
+        "rank_first_examples": engine.gather(train_data.first_examples(position, 4), accelerator),
+    }
+
+
+class StopAt:
+    """What the loop does when a stop signal has come: a checkpoint of this step (unless there is one),
+    a "stopped" record, and RunStopped with the line to resume with."""
+
+    def __init__(self, stop: StopSignals, checkpointer: Checkpointer, tracker: RunTracker, run_dir: Path,
+                 window: MetricsWindow, position: DataPosition):
+        self.signals, self.checkpointer, self.tracker, self.run_dir = stop, checkpointer, tracker, run_dir
+        self.window, self.position = window, position
+        self.accelerator = checkpointer.training.accelerator
+
+    def due(self, step: int, at_cadence: bool) -> bool:
+        """Whether any rank got a stop signal. One process asks every step (no sync); several only
+        at_cadence, as asking is a collective that syncs the host with the device."""
+        if self.accelerator.num_processes > 1 and not at_cadence:
+            return False
+        return self.signals.requested(self.accelerator)
+
+    def stop(self, step: int) -> None:
+        if self.checkpointer.saved_step != step:
+            self.checkpointer.save(step, self.position, self.window.total_tokens())
+        signum = self.signals.signum
+        name = signal.Signals(signum).name
+        self.tracker.record("stopped", step, {"signal": name})
+        raise RunStopped(
+            f"{name} received: saved checkpoint {self.checkpointer.root / checkpoint_name(step)} at step "
+            f"{step}; resume with the same command plus hydra.run.dir={self.run_dir} "
+            f"(trainer.resume=auto picks it up)", 128 + signum, signum=signum)
+
+
+def finish(cfg: DictConfig, training: Training, run_dir: Path, tracker: RunTracker, window: MetricsWindow,
+           stop: StopSignals, step: int) -> Path | None:
+    """The export and the end record, after the last step; replicas that diverged fail the run. A signal
+    from here on waits for the export (never left half-written) and the end of the run."""
+    accelerator = training.accelerator
+    export = (export_pretrained(run_dir, accelerator, training.objective, training.tokenizer,
+                                image_processor(cfg.data)) if cfg.trainer.export else None)
+    checksums = replica_checksums(accelerator, training.objective)
+    tracker.record("end", step, {"world_size": accelerator.num_processes, "param_checksums": checksums,
+                                 "tokens_seen": window.total_tokens(), "export": str(export) if export else None})
+    if stop.signum is not None:
+        tracker.message(f"{signal.Signals(stop.signum).name} received during the export: the run had "
+                        f"finished, {export or 'its records'} complete")
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"replicas diverged: parameter checksums per rank {checksums}")
+    return export
+
+
 def _stopped_before_training(signum: int, run_dir: Path) -> RunStopped:
     name = signal.Signals(signum).name
     last = latest_checkpoint(run_dir.resolve() / "checkpoints", warn=False)
@@ -311,158 +450,4 @@ def _stopped_before_training(signum: int, run_dir: Path) -> RunStopped:
                       f"saving; {then}", 128 + signum, signum=signum)
 
 
-def _train(cfg: DictConfig, run_dir: str | Path, stop: StopSignals) -> dict:
-    training = build_training(cfg)
-    accelerator, objective, optimizer, scheduler = (training.accelerator, training.objective, training.optimizer,
-                                                    training.scheduler)
-    tokenizer, examples = training.tokenizer, training.examples
-    run_dir = Path(_broadcast(str(Path(run_dir).resolve()), accelerator))
-    main = accelerator.is_main_process
-    t = cfg.trainer
-    rank, world = accelerator.process_index, accelerator.num_processes
-    hooks = accelerator.unwrap_model(objective)  # derived_metrics: the Objective's own method
-    reports_ppl = type(hooks).reports_perplexity
-
-    lock = RunLock(run_dir).acquire() if main else None  # a second run on this directory stops here
-    tracker = RunTracker(run_dir, t.max_steps, enabled=main)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    if main:
-        (run_dir / "config.yaml").write_text(config_yaml)
-
-    try:
-        step, tokens_seen, position = 0, 0, DataPosition()
-        checkpoint_root = run_dir / "checkpoints"
-        resume_from = resume_point(t.resume, checkpoint_root, accelerator)
-        if resume_from is not None:
-            state = load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler, cfg, verified=True)
-            step, tokens_seen = state["step"], state["tokens_seen"]
-            position = DataPosition.from_state(state, rank)
-            tracker.record("resume", step, {"from": str(resume_from), "epoch": position.epoch, "batch": position.batch})
-
-        collator = accelerator.unwrap_model(objective).build_collator()
-        train_data = build_train_data(examples["train"], collator, t.micro_batch_size, seed=cfg.seed, rank=rank,
-                                      world_size=world)
-        val_examples = examples["validation"].with_format("numpy")
-
-        def run_eval() -> dict:
-            values = evaluate(objective, val_examples, collator, micro_batch_size=t.micro_batch_size,
-                              max_batches=t.eval_batches, seed=cfg.seed, accelerator=accelerator)
-            return hooks.derived_metrics(values)
-
-        batches = train_data.batches(position, cfg.hardware.num_workers, cfg.hardware.pin_memory)
-        run_step = TrainStep(training, batches, max_steps=t.max_steps, grad_clip=cfg.optimizer.grad_clip)
-
-        def total_tokens() -> int:  # every rank's tokens since the start of the run (collective)
-            return tokens_seen + int(accelerator.reduce(run_step.tokens.clone(), reduction="sum").item())
-
-        saved_step = step if resume_from is not None else None  # the step of the newest checkpoint this run has
-
-        def checkpoint() -> None:
-            nonlocal saved_step
-            try:
-                save_checkpoint(checkpoint_root, step, accelerator, objective, optimizer, scheduler,
-                                {**position.to_state(gather_object), "tokens_seen": total_tokens()},
-                                config_yaml, t.keep_checkpoints)
-            except NonFiniteState as err:
-                raise RunStopped(f"stopped at step {step}: {err}; last good checkpoint: "
-                                 f"{latest_checkpoint(checkpoint_root) or 'none'}; try a lower optimizer.lr",
-                                 EXIT_DIVERGED) from None
-            saved_step = step
-
-        def stop_run() -> None:
-            """The stop a signal asked for: a checkpoint of this step (unless there is one), the resume line."""
-            if saved_step != step:
-                checkpoint()
-            name = signal.Signals(stop.signum).name
-            tracker.record("stopped", step, {"signal": name})
-            raise RunStopped(
-                f"{name} received: saved checkpoint {checkpoint_root / checkpoint_name(step)} at step "
-                f"{step}; resume with the same command plus hydra.run.dir={run_dir} "
-                f"(trainer.resume=auto picks it up)", 128 + stop.signum, signum=stop.signum)
-
-        from accelerate.utils import gather_object
-
-        first_examples = gather_object([train_data.first_examples(position, 4)])
-        tracker.record("start", step, {
-            "world_size": world, "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size,
-            "grad_accum": training.accum, "params": training.n_params,
-            "train_examples": train_data.num_examples, "validation_examples": len(val_examples),
-            "vocab": len(tokenizer) if tokenizer is not None else None, "rank_first_examples": first_examples,
-        })
-        if step == 0:
-            tracker.record("eval", 0, run_eval())
-
-        window_start, window_tokens = time.perf_counter(), total_tokens()
-        guard = NonFiniteGuard(t.max_nonfinite_in_row)
-        objective.train()
-        with stop.deferred():
-            while step < t.max_steps:
-                result = run_step(step)
-                if not guard.update(result.finite):
-                    run_step.window = {}
-                    tracker.record("nonfinite", step, {"in_row": guard.in_row, "total": guard.total})
-                    if guard.too_many:
-                        last = latest_checkpoint(checkpoint_root)
-                        raise RunStopped(
-                            f"stopped after step {step}: {guard.in_row} steps in a row had a non-finite loss or "
-                            f"gradient (trainer.max_nonfinite_in_row={t.max_nonfinite_in_row}); last good "
-                            f"checkpoint: {last or 'none'}; try a lower optimizer.lr", EXIT_DIVERGED)
-                    continue
-                step += 1
-
-                if step % t.log_every == 0 or step == t.max_steps:
-                    values = hooks.derived_metrics(reduce_metrics(run_step.window, accelerator, reports_ppl))
-                    seen = total_tokens()
-                    elapsed = time.perf_counter() - window_start
-                    values.update(lr=result.lr, tokens_per_s=(seen - window_tokens) / max(elapsed, 1e-9),
-                                  tokens_seen=seen, grad_norm=float(result.grad_norm), nonfinite_skipped=guard.total)
-                    tracker.record("train", step, values)
-                    run_step.window = {}
-                    window_start, window_tokens = time.perf_counter(), seen
-                if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-                    tracker.record("eval", step, run_eval())
-                    window_start, window_tokens = time.perf_counter(), total_tokens()
-                if t.checkpoint_every and step % t.checkpoint_every == 0:
-                    checkpoint()
-                    window_start, window_tokens = time.perf_counter(), total_tokens()
-                if stop.requested(accelerator):  # a signal during this step's regular save: that save stands
-                    stop_run()
-
-            final_eval = run_eval()
-            tracker.record("eval", step, final_eval)
-            if stop.requested(accelerator):  # after the last step, before the export: resuming exports
-                stop_run()
-            if t.checkpoint_every and saved_step != step:
-                checkpoint()
-            # A signal from here on waits for the export (never left half-written) and the end of the run.
-            export = (export_pretrained(run_dir, accelerator, objective, tokenizer, image_processor(cfg.data))
-                      if t.export else None)
-            checksums = replica_checksums(accelerator, objective)
-            tracker.record("end", step, {"world_size": world, "param_checksums": checksums,
-                                         "tokens_seen": total_tokens(), "export": str(export) if export else None})
-            if stop.signum is not None:
-                tracker.message(f"{signal.Signals(stop.signum).name} received during the export: the run had "
-                                f"finished, {export or 'its records'} complete")
-    except RuntimeError as err:  # under torchrun / accelerate launch: another rank died mid-collective
-        if world == 1 or not peer_lost(err):
-            raise
-        raise peer_lost_stop(err, run_dir, run_dir / "checkpoints") from None
-    finally:
-        tracker.close()
-        if lock is not None:
-            lock.release()
-    if len(set(checksums)) > 1:
-        raise RuntimeError(f"replicas diverged: parameter checksums per rank {checksums}")
-    return {"run_dir": run_dir, "step": step, "eval": final_eval, "export": export}
-
-
-def _broadcast(value: str, accelerator) -> str:
-    """Rank 0's value on every rank (run directories resolved per rank can differ)."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
-
-
-__all__ = ["ConfigError", "build_accelerator", "train"]
+__all__ = ["ConfigError", "build_training", "train"]

@@ -131,7 +131,7 @@ def test_incompatible_choices_fail_with_one_clear_line(compose, overrides, needl
 
 @pytest.fixture
 def electra(compose):
-    from ssltrain.data.corpus import pydoc_topic_documents
+    from ssltrain.data.docs import pydoc_topic_documents
     from ssltrain.data.tokenizer import train_tokenizer
     from ssltrain.objectives import build_objective
 

@@ -116,7 +116,7 @@ def test_a_fused_adamw_skips_a_nan_step_on_the_device_exactly_as_the_host_would(
     """hardware.fused_optimizer=true queues the update before the host knows whether the gradient norm is
     finite; the kernel skips it itself (found_inf). The run must end exactly as one that waits for the
     norm and does not step: the same losses, the same skipped step, the same final weights."""
-    import ssltrain.train as loop
+    import ssltrain.engine as engine
 
     cfg = compose([*RUN, "trainer.max_steps=6", "hardware.fused_optimizer=true"])
     original_step = torch.optim.AdamW.step
@@ -132,7 +132,7 @@ def test_a_fused_adamw_skips_a_nan_step_on_the_device_exactly_as_the_host_would(
             poison(m, bad_calls={3})
             m.setattr(torch.optim.AdamW, "step", step)
             if not on_device:
-                m.setattr(loop, "optimizer_skipping_on_device", lambda *args: None)
+                m.setattr(engine, "optimizer_skipping_on_device", lambda *args: None)
             train(cfg, tmp_path / name)
         return read_metrics(tmp_path / name), flags
 

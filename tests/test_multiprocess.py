@@ -113,7 +113,7 @@ import sys
 from omegaconf import OmegaConf
 from ssltrain.cli import fail
 from ssltrain.errors import UserError
-from ssltrain.train import build_accelerator
+from ssltrain.engine import build_accelerator
 
 hw = OmegaConf.create({"device": sys.argv[1], "mixed_precision": "no", "tf32": False})
 try:

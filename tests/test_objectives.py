@@ -133,7 +133,7 @@ def test_compiled_cross_entropy_equals_the_reference_in_value_and_gradient():
 
 @pytest.fixture
 def tiny_tokenizer():
-    from ssltrain.data.corpus import pydoc_topic_documents
+    from ssltrain.data.docs import pydoc_topic_documents
     from ssltrain.data.tokenizer import train_tokenizer
 
     return train_tokenizer([d["text"] for d in pydoc_topic_documents()[:30]], "wordpiece", 600)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def write_corpus(folder, n_docs=40):
     """Real text: interpreter help topics, one per JSON line."""
-    from ssltrain.data.corpus import pydoc_topic_documents
+    from ssltrain.data.docs import pydoc_topic_documents
 
     folder.mkdir(parents=True, exist_ok=True)
     docs = pydoc_topic_documents()[:n_docs]
@@ -37,7 +37,7 @@ def test_hf_dataset_loads_a_local_dataset_directory(compose, tmp_path):
     """`datasets.load_dataset(name)` with a local folder: the same call a hub name goes through."""
     folder = tmp_path / "my_dataset"
     folder.mkdir()
-    from ssltrain.data.corpus import pydoc_topic_documents
+    from ssltrain.data.docs import pydoc_topic_documents
 
     for i, doc in enumerate(pydoc_topic_documents()[:30]):
         (folder / f"doc{i:02d}.txt").write_text(doc["text"])

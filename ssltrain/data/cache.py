@@ -11,6 +11,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def hub_load_errors() -> tuple[type[BaseException], ...]:
+    """What datasets.load_dataset raises for the user's data, not for a bug: the network or the hub
+    (OSError, ConnectionError, huggingface_hub's HTTP errors), a data set, config or split that does not
+    exist (datasets' own errors, ValueError, FileNotFoundError) and a loader needing a package that is
+    not installed (ImportError)."""
+    from datasets.exceptions import DatasetsError
+
+    return (OSError, ValueError, ImportError, DatasetsError)
+
+
+def dataset_fingerprint(dataset) -> str:
+    """datasets' fingerprint of a Dataset's content and transforms, the key of its own cache. Private:
+    Dataset._fingerprint (the public new_fingerprint= arguments take it)."""
+    return dataset._fingerprint
+
+
 def fingerprint(*parts) -> str:
     """Stable short hash of JSON-serialisable parts (config values, versions, other fingerprints)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

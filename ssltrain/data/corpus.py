@@ -11,10 +11,8 @@ Sources (data.source):
 
 from __future__ import annotations
 
-import ast
 import glob
 import hashlib
-import inspect
 import os
 import re
 import sys
@@ -23,57 +21,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ssltrain.data.cache import cached_dir, fingerprint
+from ssltrain.data.cache import cached_dir, dataset_fingerprint, fingerprint, hub_load_errors
+from ssltrain.data.docs import pydoc_topic_documents, stdlib_docstring_documents
 from ssltrain.data.images import IMAGE_SOURCES
 from ssltrain.data.labelled import LABELLED_SOURCES
 from ssltrain.errors import ConfigError, DataError
 from ssltrain.spec import select
 
 DOCS_CORPUS_VERSION = 1  # bump when the extraction below changes, to invalidate caches
-_SKIP_STDLIB_PARTS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def pydoc_topic_documents() -> list[dict]:
-    """The interpreter's help topics (`help('FOR')`, ...): ~465 KB of reference prose."""
-    from pydoc_data.topics import topics
-
-    return [{"title": f"topic:{name}", "source": "topic", "text": topics[name].strip()} for name in sorted(topics)]
-
-
-def stdlib_docstring_documents(stdlib_dir: str | None = None) -> list[dict]:
-    """One document per standard-library module: its docstrings in source order.
-
-    Parsed with `ast`, never imported, so no module's import side effects run.
-    """
-    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if _SKIP_STDLIB_PARTS.intersection(rel.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_bytes())
-        except (SyntaxError, ValueError, OSError):
-            continue
-        parts = [d for d in (_docstring(node) for node in _in_source_order(tree)) if d]
-        if parts:
-            module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-            docs.append({"title": f"module:{module}", "source": "module", "text": "\n\n".join(parts)})
-    return docs
-
-
-def _in_source_order(node):
-    yield node
-    for child in ast.iter_child_nodes(node):
-        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield from _in_source_order(child)
-
-
-def _docstring(node) -> str | None:
-    text = ast.get_docstring(node, clean=False)
-    return inspect.cleandoc(text) if text else None
-
-
 def in_validation_split(title: str, fraction: float) -> bool:
     """Stable document-level split: the same title always lands on the same side."""
     bucket = int(hashlib.sha256(title.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
@@ -439,7 +394,7 @@ class TextFilesCorpus:
             if problem:
                 raise DataError(problem)
         corpus = _split_and_filter(raw, data_cfg, f"data.paths={list(files)[:3]}")
-        return corpus, fingerprint("text_files", raw["train"]._fingerprint, data_cfg.text_column,
+        return corpus, fingerprint("text_files", dataset_fingerprint(raw["train"]), data_cfg.text_column,
                                    data_cfg.min_doc_chars, data_cfg.max_docs, data_cfg.validation_fraction)
 
 
@@ -463,11 +418,11 @@ class HFDatasetCorpus:
                                             revision=data_cfg.revision)
                 for ours, theirs in splits.items()
             })
-        except Exception as err:  # network, missing dataset, bad split: all user-facing here
+        except hub_load_errors() as err:  # network, missing dataset, bad split: all user-facing here
             raise DataError(f"data.name={data_cfg.name!r} cannot be loaded: "
                             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
         corpus = _split_and_filter(raw, data_cfg, f"data.name={data_cfg.name!r}")
-        return corpus, fingerprint("hf_dataset", raw["train"]._fingerprint, data_cfg.text_column,
+        return corpus, fingerprint("hf_dataset", dataset_fingerprint(raw["train"]), data_cfg.text_column,
                                    data_cfg.min_doc_chars, data_cfg.max_docs, data_cfg.validation_fraction)
 
 

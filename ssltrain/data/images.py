@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
-from ssltrain.data.cache import cached_dir, fingerprint
+from ssltrain.data.cache import cached_dir, dataset_fingerprint, fingerprint, hub_load_errors
 from ssltrain.errors import ConfigError, DataError
 from ssltrain.spec import Spec, select
 
@@ -38,6 +40,12 @@ IMAGE_SPECS = {  # keys every image data group has
     "max_images": Spec(int, low=2, nullable=True),
 }
 NUM_PROC = Spec(int, low=1, nullable=True)
+
+
+# What PIL's openers and decoders raise for a file they cannot read: OSError (UnidentifiedImageError,
+# "image file is truncated"), SyntaxError ("broken PNG file"), EOFError, ValueError, struct.error and
+# zlib.error from inside the decoders.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, zlib.error)
 
 
 def image_features(channels: int, size: int):
@@ -231,7 +239,7 @@ def open_image(path: str, origin: str):
         raise DataError(f"{origin} is refused as a possible decompression bomb ({str(err).strip().rstrip('.')}); "
                         f"ssltrain reads images of at most Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels, "
                         f"PIL's default limit: shrink the image or remove it") from None
-    except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, EOFError, ...): all the file's
+    except IMAGE_DECODE_ERRORS as err:  # all the file's fault
         text = str(err).strip()
         raise DataError(f"{origin} is not a readable image ({text.splitlines()[0] if text else type(err).__name__})") \
             from None
@@ -322,7 +330,7 @@ class HFImageDataset:
             raw = {ours: datasets.load_dataset(data_cfg.name, data_cfg.config_name, split=theirs,
                                                revision=data_cfg.revision)
                    for ours, theirs in splits.items()}
-        except Exception as err:  # network, missing dataset, bad split: all user-facing here
+        except hub_load_errors() as err:  # network, missing dataset, bad split: all user-facing here
             text = str(err).strip()
             raise DataError(f"{origin} cannot be loaded: {text.splitlines()[0] if text else type(err).__name__}") \
                 from None
@@ -332,7 +340,7 @@ class HFImageDataset:
             if column is not None and column not in features:
                 raise DataError(f"{origin} has no column data.{name}={column!r}; columns: {', '.join(features)}")
         size, channels = data_cfg.image_size, data_cfg.channels
-        key = fingerprint("hf_image_dataset", IMAGES_VERSION, {k: v._fingerprint for k, v in raw.items()},
+        key = fingerprint("hf_image_dataset", IMAGES_VERSION, {k: dataset_fingerprint(v) for k, v in raw.items()},
                           image_column, data_cfg.label_column, size, channels, data_cfg.max_images,
                           data_cfg.validation_fraction)
 

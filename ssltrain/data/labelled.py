@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ssltrain.data.cache import cached_dir, fingerprint
+from ssltrain.data.docs import stdlib_docstring_documents
 from ssltrain.errors import DataError
 from ssltrain.spec import Spec, select
 
@@ -48,8 +49,6 @@ def split_passages(text: str, passage_chars: int) -> list[str]:
 
 def docs_topic_examples(passage_chars: int = 400, packages: tuple[str, ...] = TOPIC_PACKAGES) -> list[dict]:
     """[{"text", "label", "module"}] with label = index of the module's top-level package."""
-    from ssltrain.data.corpus import stdlib_docstring_documents  # here: corpus.py registers this module's source
-
     examples = []
     for doc in stdlib_docstring_documents():
         module = doc["title"].split(":", 1)[1]

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ssltrain.data.blocks import tokenizer_fingerprint
-from ssltrain.data.cache import cached_dir, fingerprint
+from ssltrain.data.cache import cached_dir, dataset_fingerprint, fingerprint
 from ssltrain.data.loader import derived_seed
 from ssltrain.errors import ConfigError, DataError
 
@@ -80,7 +80,7 @@ def tokenize_segments(corpus, tokenizer, num_proc: int | None = None):
     key = tokenizer_fingerprint(tokenizer)
     return datasets.DatasetDict({
         split: ds.map(tokenize, batched=True, batch_size=256, remove_columns=ds.column_names, features=features,
-                      num_proc=num_proc, new_fingerprint=fingerprint(SENTENCES_VERSION, ds._fingerprint, key),
+                      num_proc=num_proc, new_fingerprint=fingerprint(SENTENCES_VERSION, dataset_fingerprint(ds), key),
                       desc=f"splitting {split} into sentences")
         for split, ds in corpus.items()
     })
@@ -222,7 +222,7 @@ def build_pair_examples(corpus, tokenizer, *, seq_len: int, pair_task: str, shor
 
             pairs = docs.map(make_pairs, batched=True, batch_size=64, with_indices=True, remove_columns=["segments"],
                              features=features, num_proc=num_proc,
-                             new_fingerprint=fingerprint(key, split, docs._fingerprint),
+                             new_fingerprint=fingerprint(key, split, dataset_fingerprint(docs)),
                              desc=f"building {split} {pair_task} pairs")
             if len(pairs) == 0:
                 raise DataError(f"the {split} split gives no sentence pair: its documents have fewer than two "
@@ -271,7 +271,7 @@ def build_sentence_examples(corpus, tokenizer, *, seq_len: int, min_tokens: int,
         out = datasets.DatasetDict()
         for split, docs in tokenized.items():
             rows = docs.map(flatten, batched=True, batch_size=256, remove_columns=["segments"], features=features,
-                            num_proc=num_proc, new_fingerprint=fingerprint(key, split, docs._fingerprint),
+                            num_proc=num_proc, new_fingerprint=fingerprint(key, split, dataset_fingerprint(docs)),
                             desc=f"collecting {split} sentences")
             _, first = np.unique(np.asarray(rows["hash"], dtype=np.int64), return_index=True)
             rows = rows.select(np.sort(first)).remove_columns(["hash"])

@@ -41,11 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ssltrain.data.blocks import separator_id
-from ssltrain.data.cache import fingerprint
+from ssltrain.data.cache import fingerprint, hub_load_errors
+from ssltrain.data.corpus import _EXTENSION_FORMATS, _not_utf8_message, expand_paths
 from ssltrain.data.loader import DataPosition, derived_seed
+from ssltrain.data.tokenizer import build_tokenizer
 from ssltrain.errors import ConfigError, DataError
 
 STREAM_VERSION = 1  # bump when reading, held-out selection or packing below change (invalidates tokenizers)
@@ -58,32 +60,11 @@ def is_streaming(data_cfg: DictConfig) -> bool:
     return bool(data_cfg.get("streaming"))
 
 
-def streamable_objectives() -> list[str]:
-    """Shipped objectives that train on the default packed blocks, which is what a stream gives."""
-    from hydra.utils import get_class
-
-    from ssltrain.objectives.base import Objective
-    from ssltrain.paths import config_dir
-
-    names = []
-    for path in sorted((config_dir() / "objective").glob("*.yaml")):
-        cls = get_class(OmegaConf.load(path)._target_)
-        if cls.modality == "text" and cls.build_examples.__func__ is Objective.build_examples.__func__:
-            names.append(path.stem)
-    return names
-
-
-def check_streaming(cfg: DictConfig, objective_cls) -> None:
-    """One-line errors for data.streaming=true with a source or objective that cannot stream."""
-    from ssltrain.objectives.base import Objective
-
-    if cfg.data.source not in STREAMING_SOURCES:
+def check_streaming_source(data_cfg: DictConfig) -> None:
+    """One-line error for data.streaming=true with a source that is loaded in memory."""
+    if data_cfg.source not in STREAMING_SOURCES:
         raise ConfigError(f"data.streaming=true reads data={' or data='.join(STREAMING_SOURCES)}; "
-                          f"data={cfg.data.source} is loaded in memory (drop data.streaming)")
-    if objective_cls.build_examples.__func__ is not Objective.build_examples.__func__:
-        raise ConfigError(f"objective {objective_cls.__name__} builds whole examples from random access to "
-                          f"documents and cannot stream; data.streaming=true works with objective="
-                          f"{', '.join(streamable_objectives())}")
+                          f"data={data_cfg.source} is loaded in memory (drop data.streaming)")
 
 
 # ---------------------------------------------------------------- documents
@@ -99,8 +80,6 @@ class StreamSource:
         self.cfg = data_cfg
         self.files = None
         if data_cfg.source == "text_files":
-            from ssltrain.data.corpus import expand_paths
-
             self.files = expand_paths(data_cfg.paths)
 
     @property
@@ -139,7 +118,7 @@ class StreamSource:
                                              split="train", streaming=True)
             theirs = d.train_split if split == "train" else d.validation_split
             return datasets.load_dataset(d.name, d.config_name, split=theirs, revision=d.revision, streaming=True)
-        except Exception as err:  # network, missing dataset, bad split: all user-facing here
+        except hub_load_errors() as err:  # network, missing dataset, bad split: all user-facing here
             text = str(err).strip()
             raise DataError(f"{self.origin} cannot be streamed: "
                             f"{text.splitlines()[0] if text else type(err).__name__}") from None
@@ -161,15 +140,11 @@ class StreamSource:
         except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
             cause = err if isinstance(err, UnicodeDecodeError) else err.__cause__ or err
             if isinstance(cause, UnicodeDecodeError) and self.files is not None:
-                from ssltrain.data.corpus import _not_utf8_message
-
                 raise DataError(_not_utf8_message(self.files, cause)) from None
             raise DataError(f"{self.origin}: cannot read: {str(cause).strip().splitlines()[0]}") from None
 
 
 def _file_format(data_cfg: DictConfig, files: list[str]) -> str:
-    from ssltrain.data.corpus import _EXTENSION_FORMATS
-
     formats = {data_cfg.format} if data_cfg.format != "auto" else {_EXTENSION_FORMATS[Path(f).suffix] for f in files}
     if len(formats) != 1:
         raise ConfigError(f"data.paths mixes formats {sorted(formats)}; give one kind of file or set data.format")
@@ -382,8 +357,6 @@ def prepare_streaming(cfg: DictConfig, accelerator):
     """(tokenizer, {"train": RankStream, "validation": Dataset of blocks}) for data.streaming=true.
     The main process trains (and caches) the tokenizer first; the others then read it."""
     import datasets
-
-    from ssltrain.data.tokenizer import build_tokenizer
 
     data, seq_len = cfg.data, cfg.trainer.seq_len
     source = StreamSource(data)

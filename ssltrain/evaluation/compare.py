@@ -24,6 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ssltrain.errors import UserError
+from ssltrain.paths import shipped_options
 from ssltrain.tracking import read_records
 
 COMPARE_FRACTIONS = (0.01, 0.02, 0.1, 1.0)
@@ -50,12 +51,10 @@ def objective_name(run_dir: Path, cfg) -> str:
         choice = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices.objective")
         if choice:
             return str(choice)
-    from ssltrain.paths import config_dir
-
     target = cfg.objective.get("_target_")
-    for path in sorted((config_dir() / "objective").glob("*.yaml")):
-        if OmegaConf.load(path).get("_target_") == target:
-            return path.stem
+    for name, option in shipped_options("objective").items():
+        if option.get("_target_") == target:
+            return name
     return str(target).rsplit(".", 1)[-1]
 
 
@@ -90,7 +89,7 @@ def run_summary(run_dir: Path) -> dict:
 def probe_rows(run: dict, fractions, seeds, log=print) -> list[dict]:
     """The run's linear-probe rows: from <run>/downstream/probe.csv if it holds the pretrained and
     random-init lines at every fraction, else computed now (and saved there)."""
-    from ssltrain.evaluation.probe import probe_model, read_csv
+    from ssltrain.evaluation.probe import probe_model, read_csv  # local: keeps `ssltrain-compare --help` fast
 
     csv_path = run["run_dir"] / "downstream" / "probe.csv"
     if csv_path.is_file():
@@ -134,7 +133,10 @@ def compare_runs(dirs, *, fractions=COMPARE_FRACTIONS, seeds=COMPARE_SEEDS, prob
     run_dirs = find_runs(dirs)
     if not run_dirs:
         raise UserError(f"no run directories (metrics.jsonl + config.yaml) under {', '.join(map(str, dirs))}")
-    from ssltrain.evaluation.curves import is_finetune_run, sample_efficiency
+    from ssltrain.evaluation.curves import (  # local: keeps `ssltrain-compare --help` fast
+        is_finetune_run,
+        sample_efficiency,
+    )
 
     out = Path(out_dir) if out_dir else Path(dirs[0]).expanduser().resolve()
     finetune = [r for r in run_dirs if is_finetune_run(r)]
@@ -157,7 +159,10 @@ def compare_runs(dirs, *, fractions=COMPARE_FRACTIONS, seeds=COMPARE_SEEDS, prob
                 label = f"{init} ({run['model']})" if init == "random-init" else init
                 baselines.setdefault((run["task"], label), (label, [r for r in rows if r["init"] == init]))
         if bleu and run["has_export"] and run["bleu"] is None and "noise_density" in run["cfg"].objective:
-            from ssltrain.evaluation.generation import record_bleu, span_corruption_bleu
+            from ssltrain.evaluation.generation import (  # local: keeps `ssltrain-compare --help` fast
+                record_bleu,
+                span_corruption_bleu,
+            )
 
             result = span_corruption_bleu(run["run_dir"])
             record_bleu(run["run_dir"], result)
@@ -191,7 +196,7 @@ def compare_runs(dirs, *, fractions=COMPARE_FRACTIONS, seeds=COMPARE_SEEDS, prob
     md_path.write_text("\n".join(md) + "\n")
     png_path = None
     if lines:
-        from ssltrain.evaluation.plots import plot_comparison
+        from ssltrain.evaluation.plots import plot_comparison  # local: keeps `ssltrain-compare --help` fast
 
         png_path = plot_comparison(lines, out / "comparison.png", title=f"{len(runs)} runs under {out.name}")
     return {"runs": runs, "md": md_path, "png": png_path, "table": [header, *table], "sample_efficiency": curves}
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bleu", action="store_true", help="skip BLEU of span-corruption runs")
     parser.add_argument("--out", default=None, help="output folder (default: the first DIR)")
     args = parser.parse_args(argv)
-    from ssltrain.evaluation.probe import split_values
+    from ssltrain.evaluation.probe import split_values  # local: keeps `ssltrain-compare --help` fast
 
     fractions, seeds = split_values(args.fractions, float), split_values(args.seeds, int)
     try:

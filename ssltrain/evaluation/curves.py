@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from ssltrain.evaluation.plots import _axes, _line, _pyplot, _save
+from ssltrain.objectives.classify import Classify
 from ssltrain.tracking import read_records
 
 RANDOM_INIT = "random-init"
@@ -42,8 +44,6 @@ NOT_SETTINGS = ("seed", "data.label_fraction", "model.pretrained", "cache_dir", 
 
 def classify_target() -> str:
     """The objective _target_ a fine-tuning run's config.yaml names."""
-    from ssltrain.objectives.classify import Classify
-
     return f"{Classify.__module__}.{Classify.__qualname__}"
 
 
@@ -212,8 +212,6 @@ def plot_sample_efficiency(panels, path: Path, title: str = "") -> Path:
     """Held-out accuracy vs labelled examples (log x), one panel per task, one line per init and
     settings, mean over seeds with a +-1 std band. random-init lines are dashed; when the settings
     vary (freeze modes) and one pretrained init faces random-init, a colour per setting pairs them."""
-    from ssltrain.evaluation.plots import _axes, _line, _pyplot, _save
-
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, ((task, model), by_label) in zip(axes[0], panels.items()):

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from ssltrain.errors import UserError
+from ssltrain.hub import load_config, load_model
+from ssltrain.objectives.image import ImageObjective
 
 INITS = ("pretrained", "random-init")
 TEXT_POOLINGS = ("mean", "cls", "layers-mean")
@@ -35,8 +37,6 @@ def load_encoder(model_dir: str | Path, init: str = "pretrained", seed: int = 0)
     weights other than the unused pooler at random (a key-name mismatch).
     """
     from transformers import AutoModel
-
-    from ssltrain.hub import load_config, load_model
 
     model_dir = Path(model_dir).expanduser()
     if init not in INITS:
@@ -75,8 +75,6 @@ def _seeded(seed: int):
 @torch.no_grad()
 def image_features(encoder, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """(N, C, H, W) float32 in [0, 1] -> (N, width) float32, pooled as the image objectives pool."""
-    from ssltrain.objectives.image import ImageObjective
-
     holder = types.SimpleNamespace(encoder=encoder)  # represent() only reads self.encoder
     out = [ImageObjective.represent(holder, torch.as_tensor(pixels[i:i + batch_size], dtype=torch.float32))
            for i in range(0, len(pixels), batch_size)]

@@ -57,11 +57,15 @@ def span_corruption_bleu(path, n_examples: int = 64, seed: int = 0, batch_size: 
     from omegaconf import OmegaConf
     from transformers import AutoModelForSeq2SeqLM
 
-    from ssltrain.data.blocks import pack_ids, separator_id
-    from ssltrain.data.corpus import load_corpus
-    from ssltrain.evaluation.tasks import cache_dir_for, locate
-    from ssltrain.hub import load_model, load_tokenizer
-    from ssltrain.objectives.span_corruption import SpanCorruptionCollator, compute_lengths, sentinel_tokens
+    from ssltrain.data.blocks import pack_ids, separator_id  # local: keeps `ssltrain-bleu --help` fast
+    from ssltrain.data.corpus import load_corpus  # local: keeps `ssltrain-bleu --help` fast
+    from ssltrain.evaluation.tasks import cache_dir_for, locate  # local: keeps `ssltrain-bleu --help` fast
+    from ssltrain.hub import load_model, load_tokenizer  # local: keeps `ssltrain-bleu --help` fast
+    from ssltrain.objectives.span_corruption import (  # local: keeps `ssltrain-bleu --help` fast
+        SpanCorruptionCollator,
+        compute_lengths,
+        sentinel_tokens,
+    )
 
     location = locate(path)
     cfg = location.run_cfg
@@ -88,7 +92,7 @@ def span_corruption_bleu(path, n_examples: int = 64, seed: int = 0, batch_size: 
 
 
 def record_bleu(run_dir, result: dict) -> None:
-    from ssltrain.evaluation.records import append_records, last_step
+    from ssltrain.evaluation.records import append_records, last_step  # local: keeps `ssltrain-bleu --help` fast
 
     append_records(run_dir, "downstream", [{"task": "span_corruption_heldout", "metric": "bleu",
                                             "bleu": result["bleu"], "n_examples": result["n_examples"]}],

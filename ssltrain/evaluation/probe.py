@@ -30,8 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ssltrain.data.labelled import stratified_subset as subset
 from ssltrain.errors import UserError
-from ssltrain.evaluation.features import TEXT_POOLINGS
+from ssltrain.evaluation.features import TEXT_POOLINGS, image_features, load_encoder, text_features
+from ssltrain.evaluation.plots import plot_probe_curves
+from ssltrain.evaluation.records import append_records
+from ssltrain.evaluation.tasks import default_task, load_task, locate
+from ssltrain.hub import load_tokenizer
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 1.0)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -49,8 +54,6 @@ CSV_FIELDS = ("task", "init", "probe", "fraction", "n_labelled", "seed", "accura
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int, min_per_class: int = 1) -> np.ndarray:
     """ssltrain.data.labelled.stratified_subset (the subsets `data.label_fraction` fine-tunes on),
     with the fraction checked: seeded, stratified, every class present, nested as the fraction grows."""
-    from ssltrain.data.labelled import stratified_subset as subset
-
     if not 0.0 < fraction <= 1.0:
         raise UserError(f"label fraction {fraction} is not in (0, 1]")
     return subset(labels, fraction, seed, min_per_class)
@@ -121,13 +124,9 @@ def feature_sets(task, location, init: str, seed: int, *, pooling: str = "mean",
 
         vectorizer = TfidfVectorizer(sublinear_tf=True, min_df=2)  # fitted on the train pool's text, no labels
         return vectorizer.fit_transform(task.train_inputs), vectorizer.transform(task.test_inputs)
-    from ssltrain.evaluation.features import image_features, load_encoder, text_features
-
     encoder = load_encoder(location.model_dir, init, seed)
     if task.modality == "image":
         return scaled(image_features(encoder, task.train_inputs), image_features(encoder, task.test_inputs))
-    from ssltrain.hub import load_tokenizer
-
     tokenizer = load_tokenizer(location.model_dir)
     return scaled(*(text_features(encoder, tokenizer, x, max_length, pooling)
                     for x in (task.train_inputs, task.test_inputs)))
@@ -144,8 +143,6 @@ def probe_model(path, *, task: str | None = None, fractions=DEFAULT_FRACTIONS, s
     Returns {"rows": [CSV rows], "csv", "png", "md": paths, "out_dir", "task", "summary": {(init, probe,
     fraction): (mean acc, std acc, mean macro-F1, n_labelled)}}.
     """
-    from ssltrain.evaluation.tasks import default_task, load_task, locate
-
     location = locate(path)
     task_name = task or default_task(location)
     started = time.perf_counter()
@@ -172,8 +169,6 @@ def probe_model(path, *, task: str | None = None, fractions=DEFAULT_FRACTIONS, s
     md_path.write_text(summary_markdown(summary, task_name, location, seeds))
     png_path = out / "probe.png" if plot else None
     if plot:
-        from ssltrain.evaluation.plots import plot_probe_curves
-
         plot_probe_curves(rows, png_path, title=f"{location.name}: {task_name}")
     if record and location.run_dir is not None and (location.run_dir / "metrics.jsonl").is_file():
         record_summary(location.run_dir, task_name, summary, len(seeds))
@@ -256,8 +251,6 @@ def summary_n(summary: dict, fraction: float) -> int:
 def record_summary(run_dir: Path, task: str, summary: dict, n_seeds: int) -> None:
     """One "probe" record per (init, probe, fraction) in metrics.jsonl; TensorBoard scalars
     probe/<task>/<probe>/<init>/accuracy at step = labelled examples."""
-    from ssltrain.evaluation.records import append_records
-
     records = [{"task": task, "init": init, "probe": probe, "fraction": fraction, "n_labelled": round(n),
                 "accuracy": mean, "accuracy_std": std, "macro_f1": f1, "seeds": n_seeds}
                for (init, probe, fraction), (mean, std, f1, n) in summary.items()]

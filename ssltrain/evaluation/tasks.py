@@ -13,6 +13,7 @@ Tasks (train = the pool label fractions are drawn from, test = fixed):
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from ssltrain.data.corpus import load_corpus
+from ssltrain.data.labelled import TOPIC_PACKAGES, docs_topic_task
 from ssltrain.errors import UserError
+from ssltrain.hub import load_config
+from ssltrain.paths import shipped_options
 
 TASKS = ("digits", "run_data", "docs_topics")
 
@@ -77,8 +82,6 @@ def cache_dir_for(run_cfg: DictConfig | None) -> str:
 
 
 def model_modality(model_dir: Path) -> str:
-    from ssltrain.hub import load_config
-
     config = load_config(model_dir)
     return "text" if getattr(config, "vocab_size", None) else "image"
 
@@ -97,8 +100,6 @@ def load_task(name: str, location: ModelLocation) -> ProbeTask:
         raise UserError(f"task={name!r} is not one of {', '.join(TASKS)}")
     cache_dir = cache_dir_for(location.run_cfg)
     if name == "docs_topics":
-        from ssltrain.data.labelled import TOPIC_PACKAGES, docs_topic_task
-
         splits = docs_topic_task(cache_dir)
         return ProbeTask(name, "text", list(splits["train"]["text"]), np.asarray(splits["train"]["label"]),
                          list(splits["test"]["text"]), np.asarray(splits["test"]["label"]), list(TOPIC_PACKAGES))
@@ -106,10 +107,6 @@ def load_task(name: str, location: ModelLocation) -> ProbeTask:
 
 
 def _image_task(name: str, location: ModelLocation, cache_dir: str) -> ProbeTask:
-    from ssltrain.data.corpus import load_corpus
-    from ssltrain.hub import load_config
-    from ssltrain.paths import config_dir
-
     cfg = location.run_cfg
     run_images = cfg is not None and cfg.data.get("modality") == "image"
     if name == "run_data":
@@ -120,7 +117,7 @@ def _image_task(name: str, location: ModelLocation, cache_dir: str) -> ProbeTask
     elif run_images and cfg.data.source == "digits":
         data_cfg = cfg.data
     else:  # digits at the model's input shape
-        data_cfg = OmegaConf.load(config_dir() / "data" / "digits.yaml")
+        data_cfg = copy.deepcopy(shipped_options("data")["digits"])  # the cached one stays as shipped
         model_config = load_config(location.model_dir)
         size = getattr(model_config, "image_size", None)
         data_cfg.image_size = int(size[0] if isinstance(size, (list, tuple)) else size or data_cfg.image_size)

@@ -22,6 +22,7 @@ class CausalLMCollator:
 
 
 class CausalLM(Objective):
+    streams = True  # trains on the default packed blocks
     attention = "causal"
     reports_perplexity = True
     summary = "autoregressive language modelling (GPT): predict each next token"

@@ -8,7 +8,6 @@ choices fail at start with a message naming what fits.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,7 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import ModelOutput
 
+from ssltrain.data.blocks import build_blocks
 from ssltrain.errors import ConfigError
+from ssltrain.models import model_modality
+from ssltrain.paths import shipped_options
 from ssltrain.spec import Spec
 
 Metric = tuple[torch.Tensor, torch.Tensor]  # (sum, count): means combine exactly over batches and ranks
@@ -45,6 +47,9 @@ class Objective(torch.nn.Module):
     #: share the batch, so a held-out evaluation may end with a smaller batch and see every example.
     #: False for in-batch contrastive losses, whose value depends on the number of negatives.
     metrics_per_example: ClassVar[bool] = True
+    #: True when the objective trains on the default build_examples (packed trainer.seq_len-token
+    #: blocks), which is what data.streaming=true gives; False when it builds its own examples.
+    streams: ClassVar[bool] = False
     #: constructor parameters (the YAML keys besides _target_) and what each may be.
     PARAMS: ClassVar[dict[str, Spec]] = {}
     #: one line for listings.
@@ -65,8 +70,6 @@ class Objective(torch.nn.Module):
 
     @classmethod
     def check_compatible(cls, cfg: DictConfig) -> None:
-        from ssltrain.models import model_modality
-
         name = option_name(cls)
         if cfg.data.modality != cls.modality:
             raise ConfigError(
@@ -86,16 +89,19 @@ class Objective(torch.nn.Module):
             )
 
     @classmethod
+    def check_launch(cls, cfg: DictConfig, world_size: int) -> None:
+        """What the objective cannot do on world_size processes, as a ConfigError. Default: nothing."""
+
+    @classmethod
     def positions_needed(cls, seq_len: int) -> int:
         """Position embeddings a seq_len-token training example uses."""
         return seq_len
 
     @classmethod
-    def build_examples(cls, corpus, tokenizer, cfg: DictConfig, corpus_key: str):
-        """DatasetDict(train, validation) of training examples, cached. Default for text: the
+    def build_examples(cls, corpus, tokenizer, cfg: DictConfig, corpus_key: str, world_size: int = 1):
+        """DatasetDict(train, validation) of training examples, cached; world_size is the number of
+        processes the run trains on (for a split padded to whole global micro-batches). Default for text: the
         corpus tokenised once and packed into trainer.seq_len-token blocks ({"input_ids"})."""
-        from ssltrain.data.blocks import build_blocks
-
         return build_blocks(corpus, tokenizer, cfg.trainer.seq_len, cfg.cache_dir, corpus_key,
                             num_proc=cfg.data.get("num_proc"))
 
@@ -149,19 +155,8 @@ def option_name(cls: type) -> str:
     return f"objective={names[0]}" if names else f"objective {cls.__name__}"
 
 
-@functools.lru_cache(maxsize=None)
-def shipped_options(group: str) -> dict[str, DictConfig]:
-    """{option name: its YAML} of a shipped config group (conf/<group>/*.yaml), read once per process:
-    the fit checks name what fits in every message, and ssltrain-list runs them for every pair."""
-    from ssltrain.paths import config_dir
-
-    return {p.stem: OmegaConf.load(p) for p in sorted((config_dir() / group).glob("*.yaml"))}
-
-
 def compatible_models(attention: str | None, modality: str = "text") -> list[str]:
     """Names of the shipped model configs for `modality` with the given attention (None: any)."""
-    from ssltrain.models import model_modality
-
     return [name for name, model in shipped_options("model").items()
             if model_modality(model) == modality and attention in (None, model.get("attention"))]
 

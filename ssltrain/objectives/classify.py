@@ -46,10 +46,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ssltrain.config import world_size_from_env
+from ssltrain.data.labelled import has_labels, label_names, stratified_subset
 from ssltrain.errors import ConfigError, DataError
-from ssltrain.models import build_backbone, model_modality
-from ssltrain.objectives.base import Objective, ObjectiveOutput, _a, shipped_options
+from ssltrain.hub import load_config
+from ssltrain.models import auto_model_types, build_backbone, model_modality
+from ssltrain.objectives.base import Objective, ObjectiveOutput, _a
+from ssltrain.objectives.image import check_image_shape
+from ssltrain.paths import shipped_options
 from ssltrain.spec import Spec
 
 IGNORE_LABEL = -100  # rows that pad the held-out split to whole batches; never counted
@@ -59,11 +62,7 @@ HEAD_TASKS = {"text": "sequence-classification", "image": "image-classification"
 
 def head_model_types(modality: str) -> frozenset[str]:
     """transformers model types that have a classification head for `modality`."""
-    from transformers.models.auto import modeling_auto
-
-    mapping = (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if modality == "text"
-               else modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
-    return frozenset(mapping)
+    return auto_model_types(HEAD_TASKS[modality])
 
 
 def has_head(model_cfg, modality: str) -> bool:
@@ -80,8 +79,6 @@ def classifier_models(modality: str) -> list[str]:
 
 def labelled_data_groups() -> list[str]:
     """Shipped data groups that carry class labels."""
-    from ssltrain.data.labelled import has_labels
-
     return [name for name, data in shipped_options("data").items() if has_labels(data)]
 
 
@@ -206,16 +203,13 @@ class Classify(Objective):
     }
 
     @classmethod
-    def check_params(cls, objective_cfg) -> None:
-        super().check_params(objective_cfg)
-        if objective_cfg.get("freeze") == "gradual" and world_size_from_env() > 1:
-            raise ConfigError(f"objective.freeze=gradual runs on one process ({world_size_from_env()} launched: DDP "
+    def check_launch(cls, cfg: DictConfig, world_size: int) -> None:
+        if cfg.objective.get("freeze") == "gradual" and world_size > 1:
+            raise ConfigError(f"objective.freeze=gradual runs on one process ({world_size} launched: DDP "
                               f"fixes the trained parameters when it wraps the model); use freeze=none or backbone")
 
     @classmethod
     def check_compatible(cls, cfg: DictConfig) -> None:
-        from ssltrain.data.labelled import has_labels
-
         data, modality = cfg.data, cfg.data.modality
         if not has_labels(data):
             raise ConfigError(f"objective classify needs labelled data but data={data.source} has no class labels; "
@@ -230,16 +224,12 @@ class Classify(Objective):
                               f"but model={cfg.model.name} is {cfg.model.model_type} ({cfg.model.attention}); pick "
                               f"one of: {models}")
         if modality == "image":
-            from ssltrain.objectives.image import check_image_shape
-
             check_image_shape(cfg)
         if cfg.model.get("pretrained"):
             cls._check_pretrained(cfg, modality)
 
     @staticmethod
     def _check_pretrained(cfg: DictConfig, modality: str) -> None:
-        from ssltrain.hub import load_config
-
         path = cfg.model.pretrained
         try:
             config = load_config(path, "model.pretrained")
@@ -256,14 +246,12 @@ class Classify(Objective):
                               f"{path!r}; use trainer.seq_len<={positions}")
 
     @classmethod
-    def build_examples(cls, corpus, tokenizer, cfg: DictConfig, corpus_key: str):
+    def build_examples(cls, corpus, tokenizer, cfg: DictConfig, corpus_key: str, world_size: int = 1):
         """train: the labelled training rows (a stratified, seeded data.label_fraction of them), label
         a ClassLabel naming the classes; validation: the held-out rows, padded with ignored copies
         (label IGNORE_LABEL) to whole micro-batches on every process so evaluation sees each row.
         Text is tokenised to trainer.seq_len (truncated, padded); images keep their "pixels"."""
         import datasets
-
-        from ssltrain.data.labelled import label_names, stratified_subset
 
         names = label_names(corpus["train"])
         splits = {}
@@ -286,7 +274,7 @@ class Classify(Objective):
             raise DataError(f"data={cfg.data.source}: the held-out split has class ids beyond the training split's "
                             f"{len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
         splits["validation"] = _pad_to_batches(splits["validation"],
-                                               cfg.trainer.micro_batch_size * world_size_from_env())
+                                               cfg.trainer.micro_batch_size * world_size)
         return datasets.DatasetDict(splits)
 
     @classmethod

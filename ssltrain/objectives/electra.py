@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from ssltrain.errors import ConfigError
-from ssltrain.models import masked_lm_head
-from ssltrain.objectives.base import Objective, ObjectiveOutput, shipped_options
+from ssltrain.models import build_backbone
+from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.functional import IGNORE_INDEX, token_cross_entropy
-from ssltrain.objectives.mlm import MASKING_PARAMS, MLMCollator, check_replacement_shares
+from ssltrain.objectives.text import MASKING_PARAMS, MLMCollator, check_replacement_shares, masked_lm_head
+from ssltrain.paths import shipped_options
 from ssltrain.spec import Spec
 
 # ---------------------------------------------------------------- pure functions
@@ -105,6 +106,7 @@ class ElectraCollator:
 
 
 class ELECTRA(Objective):
+    streams = True  # trains on the default packed blocks
     attention = "bidirectional"
     summary = "replaced-token detection (ELECTRA): a small MLM generator corrupts, a discriminator spots replacements"
     PARAMS = {
@@ -131,8 +133,6 @@ class ELECTRA(Objective):
                  replace_with_random: float = 0.0, generator_size: float = 0.25, discriminator_weight: float = 50.0):
         super().__init__()
         from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
-
-        from ssltrain.models import build_backbone
 
         masking = MLMCollator.from_tokenizer(
             tokenizer, "electra", mask_prob=mask_prob, replace_with_mask=replace_with_mask,

@@ -20,8 +20,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_limit:
     """
     if _compiled_loss is not None:
         if logits.dim() == 2:  # rows at masked positions: their count changes every batch
-            torch._dynamo.maybe_mark_dynamic(logits, 0)
-            torch._dynamo.maybe_mark_dynamic(labels, 0)
+            mark_rows_dynamic(logits, labels)
         return _compiled_loss(logits, labels, vocab_limit)
     return _token_cross_entropy(logits, labels, vocab_limit)
 
@@ -91,3 +90,12 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     token t+1 and the last position has none. Shifting the labels, not the (B, T, V) logits, spares
     a copy of the logits. input_ids: (B, T) -> (B, T), IGNORE_INDEX in the last column."""
     return F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def mark_rows_dynamic(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that dimension 0 of these tensors changes between calls, so that one graph
+    serves every count of masked positions instead of a recompile per count. Private:
+    torch._dynamo.maybe_mark_dynamic (no public torch.compiler equivalent)."""
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+

@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 from ssltrain.data.augment import ImageAugment
 from ssltrain.errors import ConfigError
-from ssltrain.models import build_backbone
+from ssltrain.hub import load_config
+from ssltrain.models import build_backbone, build_model_config
 from ssltrain.objectives.base import Objective
 from ssltrain.spec import Spec
 
@@ -62,7 +63,7 @@ class ImageObjective(Objective):
         check_image_shape(cfg)
 
     @classmethod
-    def build_examples(cls, corpus, tokenizer, cfg: DictConfig, corpus_key: str):
+    def build_examples(cls, corpus, tokenizer, cfg: DictConfig, corpus_key: str, world_size: int = 1):
         """The image source's rows are the examples: "pixels" (C, H, W) and "label"."""
         return corpus
 
@@ -95,9 +96,6 @@ class ImageObjective(Objective):
 def check_image_shape(cfg: DictConfig) -> None:
     """Model and data agree on channels and (for models with a fixed input size, like ViT) image
     size; patches tile the image. One-line ConfigError naming both sides otherwise."""
-    from ssltrain.hub import load_config
-    from ssltrain.models import build_model_config
-
     if cfg.model.pretrained:
         try:
             config = load_config(cfg.model.pretrained, "model.pretrained")

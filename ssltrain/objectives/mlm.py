@@ -7,75 +7,17 @@ with a per-batch seeded generator, so batches are reproducible and resumable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
-from ssltrain.errors import ConfigError
-from ssltrain.models import build_backbone, masked_lm_head
+from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput
-from ssltrain.objectives.functional import gather_positions, mask_tokens, masked_positions, token_cross_entropy
-from ssltrain.spec import PROBABILITY, Spec
-
-
-@dataclass
-class MLMCollator:
-    """Packed blocks -> {"input_ids", "labels", "masked_positions"} with BERT masking: (B, T), (B, T)
-    and the flat indices (N,) of the selected positions (functional.masked_positions). Picklable
-    for workers."""
-
-    mask_token_id: int
-    vocab_size: int  # real tokenizer size: random replacements never hit vocabulary padding
-    special_ids: tuple[int, ...]
-    mask_prob: float
-    replace_with_mask: float
-    replace_with_random: float
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer, objective: str, *, mask_prob: float, replace_with_mask: float,
-                       replace_with_random: float):
-        """A collator with the tokenizer's [MASK] and special ids; a one-line error without a mask token."""
-        if tokenizer.mask_token_id is None:
-            raise ConfigError(f"objective={objective} needs a tokenizer with a mask token; use "
-                              f"tokenizer.type=wordpiece or a tokenizer.path that defines one")
-        return cls(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                   special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_prob=mask_prob,
-                   replace_with_mask=replace_with_mask, replace_with_random=replace_with_random)
-
-    def mask(self, input_ids: torch.Tensor, generator: torch.Generator, never: torch.Tensor | None = None):
-        """BERT masking of (B, T) ids; special tokens (and `never` positions) are never selected."""
-        special = torch.isin(input_ids, torch.tensor(self.special_ids, dtype=torch.long))
-        if never is not None:
-            special |= never
-        return mask_tokens(
-            input_ids, special, mask_prob=self.mask_prob, replace_with_mask=self.replace_with_mask,
-            replace_with_random=self.replace_with_random, mask_token_id=self.mask_token_id,
-            vocab_size=self.vocab_size, generator=generator,
-        )
-
-    def __call__(self, columns: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        input_ids = torch.as_tensor(np.asarray(columns["input_ids"]), dtype=torch.long)
-        masked, labels = self.mask(input_ids, generator)
-        return {"input_ids": masked, "labels": labels, "masked_positions": masked_positions(labels)}
-
-
-def check_replacement_shares(objective_cfg) -> None:
-    """The [MASK] and random-token shares of the selected tokens may not exceed 1 together."""
-    total = objective_cfg.replace_with_mask + objective_cfg.replace_with_random
-    if total > 1.0 + 1e-9:
-        raise ConfigError(f"objective.replace_with_mask + objective.replace_with_random = {total:g} exceeds 1")
-
-
-# BERT's token selection and replacement, shared by every objective that masks (mlm, mlm_nsp, electra).
-MASKING_PARAMS = {
-    "mask_prob": Spec(float, low=0.0, high=1.0, low_open=True),
-    "replace_with_mask": PROBABILITY,
-    "replace_with_random": PROBABILITY,
-}
+from ssltrain.objectives.functional import gather_positions, masked_positions, token_cross_entropy
+from ssltrain.objectives.text import MASKING_PARAMS, MLMCollator, check_replacement_shares, masked_lm_head
+from ssltrain.spec import Spec
 
 
 class MaskedLM(Objective):
+    streams = True  # trains on the default packed blocks
     attention = "bidirectional"
     reports_perplexity = True
     summary = "masked language modelling (BERT): predict 15% masked tokens from both sides"

@@ -20,15 +20,16 @@ from ssltrain.errors import ConfigError
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import ObjectiveOutput
 from ssltrain.objectives.functional import IGNORE_INDEX, token_cross_entropy
-from ssltrain.objectives.mlm import MASKING_PARAMS, MLMCollator
-from ssltrain.objectives.nsp import (
+from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
+from ssltrain.objectives.text import (
+    MASKING_PARAMS,
     PAIR_PARAMS,
+    MLMCollator,
     SentencePairObjective,
     declare_token_types,
     pair_columns,
     pair_metrics,
 )
-from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
 from ssltrain.spec import Spec
 
 # *ForPreTraining classes with an MLM head and a binary sentence-pair head: model type ->

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ssltrain.models import attn_implementation
+
 # Model types whose encoders take position_ids counted from 0 and a ready (B, 1, L, L) attention
 # mask (RoBERTa-style positions start after the padding id; flash_attention_2 takes no 4-d mask).
 PACKABLE_MODEL_TYPES = ("bert", "electra")
@@ -25,7 +27,7 @@ PACKABLE_ATTENTION = ("sdpa", "eager")
 
 def can_pack(config) -> bool:
     """Whether a model with this transformers config can encode packed rows."""
-    return config.model_type in PACKABLE_MODEL_TYPES and config._attn_implementation in PACKABLE_ATTENTION
+    return config.model_type in PACKABLE_MODEL_TYPES and attn_implementation(config) in PACKABLE_ATTENTION
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -89,7 +91,7 @@ def block_mask(segments: torch.Tensor, attn_implementation: str) -> torch.Tensor
 def encode_packed(encoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Packed rows through a transformers encoder (block-diagonal mask, positions from 0 in each
     example; token_type_ids when the batch has them): the last hidden states, (R, W, H)."""
-    mask = block_mask(batch["segments"], encoder.config._attn_implementation)
+    mask = block_mask(batch["segments"], attn_implementation(encoder.config))
     return encoder(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"), attention_mask=mask,
                    position_ids=batch["position_ids"]).last_hidden_state
 

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ssltrain.data.sentences import build_sentence_examples
 from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.contrastive import alignment_uniformity, gather_with_grad, info_nce
-from ssltrain.objectives.nsp import check_trained_tokenizer_has_cls_sep
 from ssltrain.objectives.packing import can_pack, encode_packed, pack, pooled_first_tokens
+from ssltrain.objectives.text import check_trained_tokenizer_has_cls_sep
 from ssltrain.spec import POSITIVE, Spec
 
 POOLERS = ("cls_mlp", "cls", "mean")
@@ -85,9 +86,7 @@ class SimCSE(Objective):
         check_trained_tokenizer_has_cls_sep(cfg, "simcse")
 
     @classmethod
-    def build_examples(cls, corpus, tokenizer, cfg, corpus_key: str):
-        from ssltrain.data.sentences import build_sentence_examples
-
+    def build_examples(cls, corpus, tokenizer, cfg, corpus_key: str, world_size: int = 1):
         return build_sentence_examples(
             corpus, tokenizer, seq_len=cfg.trainer.seq_len, min_tokens=cfg.objective.get("min_tokens", 5),
             seed=cfg.seed, cache_dir=cfg.cache_dir, corpus_key=corpus_key, num_proc=cfg.data.get("num_proc"),

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from ssltrain.data.blocks import build_blocks
 from ssltrain.errors import ConfigError
+from ssltrain.models import build_backbone
 from ssltrain.objectives.base import Objective, ObjectiveOutput
 from ssltrain.objectives.functional import token_cross_entropy
 from ssltrain.spec import Spec
@@ -201,10 +203,8 @@ class SpanCorruption(Objective):
         return compute_lengths(cfg.trainer.seq_len, obj.noise_density, obj.mean_noise_span_length)[0]
 
     @classmethod
-    def build_examples(cls, corpus, tokenizer, cfg, corpus_key: str):
+    def build_examples(cls, corpus, tokenizer, cfg, corpus_key: str, world_size: int = 1):
         """Packed blocks of block_length(cfg) tokens (longer than trainer.seq_len: spans shrink to sentinels)."""
-        from ssltrain.data.blocks import build_blocks
-
         return build_blocks(corpus, tokenizer, cls.block_length(cfg), cfg.cache_dir, corpus_key,
                             num_proc=cfg.data.get("num_proc"))
 
@@ -212,8 +212,6 @@ class SpanCorruption(Objective):
                  mean_noise_span_length: float = 3.0, num_sentinels: int = 100):
         super().__init__()
         from transformers import AutoModelForSeq2SeqLM
-
-        from ssltrain.models import build_backbone
 
         eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         if eos_id is None or tokenizer.pad_token_id is None:
