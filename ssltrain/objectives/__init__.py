@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ssltrain.errors import ConfigError
+from ssltrain.errors import DEBUG_ENV, ConfigError
 from ssltrain.objectives.base import Objective, ObjectiveOutput, params_of
 
 __all__ = ["Objective", "ObjectiveOutput", "build_objective", "objective_class"]
@@ -19,8 +19,10 @@ def objective_class(objective_cfg: DictConfig) -> type[Objective]:
         raise ConfigError("objective has no _target_ naming its class (e.g. ssltrain.objectives.mlm.MaskedLM)")
     try:
         cls = get_class(target)
-    except Exception:
-        raise ConfigError(f"objective._target_={target!r} cannot be imported") from None
+    except Exception as err:  # importing the class runs its module: a bug there may raise anything
+        cause = err.__cause__ or err  # hydra wraps the module's own error in an ImportError
+        raise ConfigError(f"objective._target_={target!r} cannot be imported: {type(cause).__name__}: "
+                          f"{str(cause).strip() or '(no message)'} ({DEBUG_ENV}=1 shows the traceback)") from err
     if not (isinstance(cls, type) and issubclass(cls, Objective)):
         raise ConfigError(f"objective._target_={target!r} is not an ssltrain Objective subclass")
     return cls
