@@ -27,6 +27,11 @@ CASES = {
     # Unknown config group options: the message names the bad option and lists the valid ones.
     "unknown-model": Case(["model=bert-huge"], ["bert-huge", "bert-tiny", "gpt2-tiny"]),
     "unknown-objective": Case(["objective=nope"], ["nope", "mlm", "ar"]),
+    # An objective module with a bug: the message carries the module's own exception, not only "cannot
+    # be imported" (cwd is on sys.path under `python -m`).
+    "objective-with-a-bug": Case(["objective._target_=buggy_objective.Buggy"],
+                                 ["buggy_objective.Buggy", "NameError", "undefined_helper", "SSLTRAIN_DEBUG=1"],
+                                 files={"buggy_objective.py": b"READY = undefined_helper()\n"}),
     # Values of the wrong type.
     "max-steps-not-int": Case(["trainer.max_steps=abc"], ["trainer.max_steps", "abc", "integer"]),
     "lr-not-number": Case(["optimizer.lr=fast"], ["optimizer.lr", "fast", "number"]),
@@ -216,3 +221,15 @@ def test_an_output_directory_that_cannot_be_created_is_a_one_line_error(run_cli,
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("ssltrain: error: hydra.run.dir=") and "is not a directory" in last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_ssltrain_debug_shows_the_traceback_of_a_user_error_with_its_cause(run_cli, tmp_path):
+    """SSLTRAIN_DEBUG=1: the traceback (the objective module's own line among it) comes before the one
+    error line. Catches a ConfigError raised `from None`, which would drop the cause."""
+    (tmp_path / "buggy_objective.py").write_text("READY = undefined_helper()\n")
+    proc = run_cli("objective._target_=buggy_objective.Buggy", f"hydra.run.dir={tmp_path}/run",
+                   env={"SSLTRAIN_DEBUG": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "buggy_objective.py" in proc.stderr and "undefined_helper" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("ssltrain: error: objective._target_=")
+    assert not (tmp_path / "run").exists()
