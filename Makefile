@@ -33,6 +33,7 @@ bench-gpu:
 
 lint:
 	$(PY) -m ruff check ssltrain tests scripts
+	$(VENV)/bin/lint-imports
 
 # Wheels for an offline CUDA machine with its own torch/transformers (scripts/offline_install.sh there).
 WHEELS_PYTHON ?= 3.12

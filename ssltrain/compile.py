@@ -6,7 +6,7 @@ projectors) gets nn.Module.compile(). Why this and not the whole objective or Ac
 `dynamo_backend`:
 - in place keeps parameter names: state_dict, checkpoints and save_pretrained see no `_orig_mod.`
   prefix, so a checkpoint written with compile on loads with it off and the export is a plain model.
-  Accelerate 1.15 wraps the prepared model in an OptimizedModule (or, regionally, a copy with
+  Accelerate wraps the prepared model in an OptimizedModule (or, regionally, a copy with
   OptimizedModule children), which renames parameters for unwrap_model(...).load_state_dict and
   save_pretrained alike;
 - the blocks of one stack share one compiled graph: compile time is one layer's, not the model's;

@@ -13,10 +13,10 @@ BERT encoder that MLP is its own pooler, dense + tanh, so it is exported with th
 ([CLS] state) or mean (mean over real tokens). The export is the encoder (AutoModel); the paper
 embeds sentences at test time with the [CLS] state before the MLP (last_hidden_state[:, 0]).
 
-Sentences vary in length (on the default corpus, padding each to the batch's longest left 74% of
-the positions padding): packed=true (default) puts several sentences in a row with a block-diagonal
-attention mask and positions restarting at 0, so each sentence is encoded exactly as alone, with
-~9% padding left; 3.1x faster steps on CPU (docs/benchmarks.md). Dropout masks fall on other
+Sentences vary in length (padded to the batch's longest, most positions of a row are padding):
+packed=true (default) puts several sentences in a row with a block-diagonal attention mask and
+positions restarting at 0, so each sentence is encoded exactly as alone, with little padding left
+(docs/benchmarks.md measures the padding and the step time). Dropout masks fall on other
 positions, so curves agree in distribution, not draw for draw.
 
 Held-out metrics are the training loss itself on validation sentences, with dropout switched on
