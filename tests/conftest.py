@@ -105,3 +105,28 @@ def kill_9_after_train_records(args: list[str], run_dir: Path, records: int, *, 
     proc.kill()
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_gloo(fn, args: tuple, nprocs: int, timeout: float = 120) -> None:
+    """fn(rank, *args) in nprocs spawned processes (they form their own gloo group); fails the test
+    when they do not all finish within timeout seconds, killing the rest."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs} gloo processes hung")

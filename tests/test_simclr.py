@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import config_error, read_metrics
+from conftest import config_error, free_port, read_metrics, spawn_gloo
 from test_images import IMAGE_TINY, one_thread
 
 from ssltrain.config import validate_config
@@ -70,12 +67,6 @@ def test_per_rank_losses_over_the_gathered_batch_add_up_to_the_full_batch_loss()
         assert sum(p[i] for p in parts).item() == pytest.approx(full[i].item(), rel=1e-6)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_step(rank: int, world: int, port: int, x_a, x_b, weight, temperature: float, out_dir: str) -> None:
     """One process of a data-parallel SimCLR step: project its share of the batch, gather with
     gradients, score its own anchors, backward, then average gradients as DDP does."""
@@ -106,14 +97,7 @@ def test_two_gloo_processes_get_the_single_process_loss_and_gradient(tmp_path):
     world, n, dim = 2, 4, 6
     x_a, x_b = torch.randn(world * n, dim, generator=g), torch.randn(world * n, dim, generator=g)
     weight = torch.randn(dim, 3, generator=g)
-    context = mp.start_processes(_rank_step, args=(world, free_port(), x_a, x_b, weight, 0.3, str(tmp_path)),
-                                 nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo processes hung")
+    spawn_gloo(_rank_step, (world, free_port(), x_a, x_b, weight, 0.3, str(tmp_path)), nprocs=world)
     results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
     assert [r["offset"] for r in results] == [0, n]
 

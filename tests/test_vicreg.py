@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import config_error, read_metrics
+from conftest import config_error, read_metrics, spawn_gloo
 from test_images import IMAGE_TINY
 from test_multiprocess import child_env, free_port, launcher, run_group
 
@@ -133,14 +131,7 @@ def test_two_gloo_processes_get_the_global_batch_loss_and_gradient(tmp_path):
     world, n, dim = 2, 4, 6
     x_a, x_b = torch.randn(world * n, dim, generator=g), torch.randn(world * n, dim, generator=g)
     weight = torch.randn(dim, 5, generator=g)
-    context = mp.start_processes(_rank_step, args=(world, free_port(), x_a, x_b, weight, str(tmp_path)),
-                                 nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo processes hung")
+    spawn_gloo(_rank_step, (world, free_port(), x_a, x_b, weight, str(tmp_path)), nprocs=world)
     results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
 
     w = weight.clone().requires_grad_(True)

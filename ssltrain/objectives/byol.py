@@ -32,9 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ssltrain.data.augment import ImageAugment
 from ssltrain.objectives.base import ObjectiveOutput
-from ssltrain.objectives.image import AUGMENT_SPEC, ImageObjective, TwoViewCollator
+from ssltrain.objectives.image import AUGMENT_SPEC, ImageObjective, TwoViewObjective
 from ssltrain.spec import Spec
 
 
@@ -86,7 +85,7 @@ class _Target(torch.nn.Module):
         return self.projector(self.represent(pixels))
 
 
-class BYOL(ImageObjective):
+class BYOL(TwoViewObjective):
     summary = "BYOL: online network predicts a momentum target's projection of the other view; no negatives"
     # Held-out evaluation runs in eval mode, where every batch norm (encoder, projector, predictor, target)
     # uses its running statistics: an image's loss then depends on that image alone, so a smaller last
@@ -113,14 +112,10 @@ class BYOL(ImageObjective):
         self.target = _Target(copy.deepcopy(self.encoder), copy.deepcopy(self.projector))
         self.target.requires_grad_(False)
         self.tau_base = tau_base
-        self.collator = TwoViewCollator(ImageAugment.from_config(augment))
-
-    def build_collator(self) -> TwoViewCollator:
-        return self.collator
+        self.use_views(augment)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        views = batch["views"]  # (2B, C, H, W): B first views, then B second views
-        n = views.shape[0] // 2
+        views, n = self.views_of(batch)  # (2B, C, H, W): B first views, then B second views
         p = self.predictor(self.projector(self.represent(views)))  # (2B, D)
         with torch.no_grad():
             t = self.target(views)  # (2B, D), a constant for the loss

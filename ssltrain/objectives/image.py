@@ -18,6 +18,7 @@ from ssltrain.errors import ConfigError
 from ssltrain.hub import load_config
 from ssltrain.models import build_backbone, build_model_config
 from ssltrain.objectives.base import Objective
+from ssltrain.objectives.contrastive import gather_with_grad
 from ssltrain.spec import Spec
 
 AUGMENT_SPEC = Spec(dict)  # the augment: block; its keys are checked by ImageAugment.from_config
@@ -121,3 +122,31 @@ def check_image_shape(cfg: DictConfig) -> None:
     if isinstance(patch, int) and size % patch:
         raise ConfigError(f"{where}: patch_size {patch} does not divide the image size {size}; pick a divisor of "
                           f"{size} for model.config.patch_size")
+
+
+class TwoViewObjective(ImageObjective):
+    """An image objective on two augmented views of each image (SimCLR, BYOL, VICReg): the collator
+    gives {"views": (2B, C, H, W)}, the B first views then the B second views of the same images."""
+
+    def use_views(self, augment: dict | None) -> None:
+        """Draw the views with the objective's `augment:` block (ImageAugment.from_config)."""
+        self.collator = TwoViewCollator(ImageAugment.from_config(augment))
+
+    def build_collator(self) -> TwoViewCollator:
+        return self.collator
+
+    @staticmethod
+    def views_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(the (2B, C, H, W) views, B)."""
+        views = batch["views"]
+        return views, views.shape[0] // 2
+
+    @staticmethod
+    def gathered_views(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(2B, D) embeddings of this process's views -> every process's first views (P*B, D), their
+        second views (P*B, D), and where this process's B images start among them. Gathered with
+        gradients (contrastive.gather_with_grad), so a loss over the global batch trains every rank."""
+        z_a, offset = gather_with_grad(z[:n])
+        z_b, _ = gather_with_grad(z[n:])
+        return z_a, z_b, offset
+

@@ -15,10 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssltrain.data.augment import ImageAugment
 from ssltrain.objectives.base import ObjectiveOutput
-from ssltrain.objectives.contrastive import gather_with_grad
-from ssltrain.objectives.image import AUGMENT_SPEC, ImageObjective, TwoViewCollator
+from ssltrain.objectives.image import AUGMENT_SPEC, TwoViewObjective
 from ssltrain.spec import Spec
 
 
@@ -48,7 +46,7 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, rows:
     return loss_sum, torch.tensor(anchors.numel(), device=z.device), n_correct
 
 
-class SimCLR(ImageObjective):
+class SimCLR(TwoViewObjective):
     summary = "SimCLR: two augmented views per image, projection MLP, NT-Xent over the global batch"
     metrics_per_example = False  # NT-Xent over the batch: a smaller last batch has fewer negatives
     PARAMS = {
@@ -70,17 +68,12 @@ class SimCLR(ImageObjective):
             torch.nn.Linear(hidden, projection_dim),
         )
         self.temperature = temperature
-        self.collator = TwoViewCollator(ImageAugment.from_config(augment))
-
-    def build_collator(self) -> TwoViewCollator:
-        return self.collator
+        self.use_views(augment)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        views = batch["views"]  # (2B, C, H, W)
-        n = views.shape[0] // 2
+        views, n = self.views_of(batch)  # (2B, C, H, W): B first views, then B second views
         z = self.projector(self.represent(views))  # (2B, D)
-        z_a, offset = gather_with_grad(z[:n])  # (P*B, D): every process's first views
-        z_b, _ = gather_with_grad(z[n:])  # (P*B, D)
+        z_a, z_b, offset = self.gathered_views(z, n)  # (P*B, D) each: every process's views
         rows = torch.arange(offset, offset + n, device=z.device)  # this process's images
         loss_sum, count, n_correct = nt_xent_loss(z_a, z_b, self.temperature, rows)
         return ObjectiveOutput(

@@ -32,10 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssltrain.data.augment import ImageAugment
 from ssltrain.objectives.base import ObjectiveOutput
-from ssltrain.objectives.contrastive import gather_with_grad
-from ssltrain.objectives.image import AUGMENT_SPEC, ImageObjective, TwoViewCollator
+from ssltrain.objectives.image import AUGMENT_SPEC, TwoViewObjective
 from ssltrain.spec import Spec
 
 
@@ -69,7 +67,7 @@ def vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor, gamma: float = 1.0, eps: 
     return invariance, variance, covariance
 
 
-class VICReg(ImageObjective):
+class VICReg(TwoViewObjective):
     summary = "VICReg: invariance + variance + covariance terms on expanded embeddings of two views"
     metrics_per_example = False  # variance and covariance are statistics of the batch
     PARAMS = {
@@ -96,17 +94,12 @@ class VICReg(ImageObjective):
         )
         self.coeffs = (invariance_coeff, variance_coeff, covariance_coeff)
         self.gamma, self.eps = gamma, eps
-        self.collator = TwoViewCollator(ImageAugment.from_config(augment))
-
-    def build_collator(self) -> TwoViewCollator:
-        return self.collator
+        self.use_views(augment)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        views = batch["views"]  # (2B, C, H, W): B first views, then B second views
-        n = views.shape[0] // 2
+        views, n = self.views_of(batch)  # (2B, C, H, W): B first views, then B second views
         z = self.expander(self.represent(views))  # (2B, D)
-        z_a, _ = gather_with_grad(z[:n])  # (P*B, D): every process's first views
-        z_b, _ = gather_with_grad(z[n:])  # (P*B, D)
+        z_a, z_b, _ = self.gathered_views(z, n)  # (P*B, D) each: every process's views
         invariance, variance, covariance = vicreg_terms(z_a, z_b, self.gamma, self.eps)
         lam, mu, nu = self.coeffs
         loss = lam * invariance + mu * variance + nu * covariance
